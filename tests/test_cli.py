@@ -1,0 +1,123 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_config
+from transformers import LlamaForCausalLM
+
+import lit_prune.module as module_mod
+from lit_prune.cli import eval_parser, main, run_eval, trainer_cli
+from lit_prune.datamodules import TextDataModule
+from lit_prune.eval import perplexity
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.fixture
+def fake_loading(monkeypatch, tiny_tokenizer):
+    """Shipped configs name the real model; parse them against a tiny one so the test stays fast and offline."""
+
+    def fake_model(name, gguf_file=None, dtype="float32", **kw):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(tiny_config())
+
+    monkeypatch.setattr(module_mod, "load_model", fake_model)
+    monkeypatch.setattr(module_mod, "load_tokenizer", lambda name, gguf_file=None: tiny_tokenizer)
+
+
+def test_configs_exist():
+    assert any(p.name == "smollm2.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_instantiates(path, fake_loading):
+    cli = trainer_cli(["--config", str(path)], run=False)
+    assert cli.model.model.config.model_type == "llama"
+    assert cli.datamodule is not None
+    cfg = eval_parser().parse_args(["--config", str(path)])
+    assert cfg.model.model == yaml.safe_load(path.read_text())["model"]["model"]
+
+
+def test_smollm2_config_encodes_the_cpu_protocol(fake_loading):
+    from lit_prune.presets import CPU_PROTOCOL
+
+    cli = trainer_cli(["--config", str(Path(__file__).resolve().parents[1] / "configs/smollm2.yaml")], run=False)
+    dm = cli.datamodule
+    assert isinstance(dm, TextDataModule)
+    assert cli.model.hparams["model"] == CPU_PROTOCOL.model
+    assert dm.val_path.endswith(CPU_PROTOCOL.eval_file)
+    assert dm.calibration_path.endswith(CPU_PROTOCOL.calibration_file)
+    assert (dm.seq_len, dm.max_val_windows) == (CPU_PROTOCOL.seq_len, CPU_PROTOCOL.eval_windows)
+    assert (dm.calibration_windows, dm.calibration_seed) == (
+        CPU_PROTOCOL.calibration_windows, CPU_PROTOCOL.calibration_seed)
+
+
+def _tiny_yaml(tmp_path, model_dir, text_file, **data):
+    cfg = {
+        "seed_everything": 0,
+        "model": {"model": str(model_dir)},
+        "data": {
+            "class_path": "lit_prune.datamodules.TextDataModule",
+            "init_args": {"path": str(text_file), "val_path": str(text_file), "seq_len": 16, "batch_size": 3,
+                          "max_val_windows": 8, "cache_dir": str(tmp_path / "cache"), **data},
+        },
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "max_steps": 2,
+                    "default_root_dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _reference_ppl(model_dir, text_file, tmp_path):
+    dm = TextDataModule(tokenizer=str(model_dir), val_path=str(text_file), seq_len=16, max_val_windows=8,
+                        cache_dir=str(tmp_path / "cache"))
+    dm.setup("validate")
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    return perplexity(model, dm.windows("val"), progress=False)
+
+
+def test_validate_subcommand_agrees_with_perplexity(tmp_path, tiny_model_dir, text_file):
+    cli = trainer_cli(["validate", "--config", str(_tiny_yaml(tmp_path, tiny_model_dir, text_file))])
+    got = float(cli.trainer.callback_metrics["val_ppl"])
+    assert got == pytest.approx(_reference_ppl(tiny_model_dir, text_file, tmp_path), rel=1e-4)
+
+
+def test_fit_subcommand_runs(tmp_path, tiny_model_dir, text_file):
+    cli = trainer_cli(["fit", "--config", str(_tiny_yaml(tmp_path, tiny_model_dir, text_file))])
+    assert cli.trainer.global_step == 2
+
+
+def test_eval_prints_table_and_writes_json(tmp_path, tiny_model_dir, text_file, capsys):
+    out = tmp_path / "eval.json"
+    summary = run_eval([
+        "--config", str(_tiny_yaml(tmp_path, tiny_model_dir, text_file)),
+        "--eval.prompt_len", "8", "--eval.new_tokens", "2", "--eval.repeats", "1",
+        "--eval.batch_sizes", "[1, 2]", "--eval.progress", "false", "--eval.output", str(out),
+    ])
+    printed = capsys.readouterr().out
+    expected = _reference_ppl(tiny_model_dir, text_file, tmp_path)
+    assert summary.ppl.ppl == pytest.approx(expected, rel=1e-6)
+    assert f"{expected:.3f}" in printed
+    assert "prefill latency, batch 2" in printed and "decode, batch 1" in printed
+    assert "8 windows of 16 tokens" in printed
+    saved = json.loads(out.read_text())
+    assert saved["ppl"]["ppl"] == pytest.approx(expected, rel=1e-6)
+    reloaded = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    assert saved["params"]["total"] == sum(p.numel() for p in reloaded.parameters())
+
+
+def test_eval_without_text_says_how_to_point_it(tmp_path, tiny_model_dir, text_file, capsys):
+    cfg = _tiny_yaml(tmp_path, tiny_model_dir, text_file, val_path=str(tmp_path / "missing" / "wiki.test.raw"))
+    summary = run_eval(["--config", str(cfg), "--eval.latency", "false"])
+    err = capsys.readouterr().err
+    assert summary.ppl is None
+    assert "missing/wiki.test.raw" in err and "--data.val_path" in err
+
+
+def test_unknown_command():
+    with pytest.raises(SystemExit, match="unknown command 'prun'; choose one of: fit, validate, test, predict, eval"):
+        main(["prun"])
