@@ -121,3 +121,19 @@ def test_eval_without_text_says_how_to_point_it(tmp_path, tiny_model_dir, text_f
 def test_unknown_command():
     with pytest.raises(SystemExit, match="unknown command 'prun'; choose one of: fit, validate, test, predict, eval"):
         main(["prun"])
+
+
+def test_optimizer_and_scheduler_from_yaml(tmp_path, tiny_model_dir, text_file):
+    path = _tiny_yaml(tmp_path, tiny_model_dir, text_file)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}}
+    cfg["model"]["scheduler"] = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 3}}
+    path.write_text(yaml.safe_dump(cfg))
+    cli = trainer_cli(["--config", str(path)], run=False)
+    opts = cli.model.configure_optimizers()
+    optimizer = opts["optimizer"]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["lr"] == 0.05
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+    assert isinstance(opts["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert opts["lr_scheduler"]["interval"] == "step"

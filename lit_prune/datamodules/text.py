@@ -229,7 +229,7 @@ class TextDataModule(TokenDataModule):
             ValueError: for ``fit`` without training text, or a text shorter than one window.
         """
         for role in _STAGE_ROLES.get(stage, ()):
-            if role == "train" or self._sources[role] is not None:
+            if self._sources[role] is not None or (role == "train" and stage == "fit"):
                 self.windows(role)
 
     @override

