@@ -62,6 +62,29 @@ def data_root() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
+DATA_URI = "data://"
+
+
+def resolve_data_uri(location: str, arg: str = "path") -> str:
+    """Expand ``data://<relative path>`` against :func:`data_root`; other locations are returned unchanged.
+
+    Configs name shared files this way (``data://wikitext2/wiki.test.raw``) so they work from any working
+    directory and on any machine where ``$LIT_PRUNE_DATA_DIR`` points at the data.
+
+    Raises:
+        FileNotFoundError: if ``location`` uses ``data://`` and no shared data folder is found.
+    """
+    if not location.startswith(DATA_URI):
+        return location
+    root = data_root()
+    if root is None:
+        raise FileNotFoundError(
+            f"`{arg}` {location!r} refers to the shared data folder, which was not found next to the checkout; "
+            "set LIT_PRUNE_DATA_DIR to it, or pass a plain file path"
+        )
+    return str(root / location.removeprefix(DATA_URI))
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How a model is measured: evaluation text, window length and count, and the calibration sample."""

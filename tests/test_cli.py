@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 @pytest.fixture
-def fake_loading(monkeypatch, tiny_tokenizer):
-    """Shipped configs name the real model; parse them against a tiny one so the test stays fast and offline."""
+def fake_loading(monkeypatch, tiny_tokenizer, tmp_path):
+    """Shipped configs name the real model and shared data; use a tiny model and placeholder files instead."""
+    for config in CONFIGS:
+        for rel in re.findall(r"data://(\S+)", config.read_text()):
+            (tmp_path / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "data" / rel).write_text("placeholder text\n")
+    monkeypatch.setenv("LIT_PRUNE_DATA_DIR", str(tmp_path / "data"))
 
     def fake_model(name, gguf_file=None, dtype="float32", **kw):
         torch.manual_seed(0)

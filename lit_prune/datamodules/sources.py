@@ -15,6 +15,8 @@ from typing import Any, Literal
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from lit_prune.presets import resolve_data_uri
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet", ".raw", ".txt")
@@ -165,7 +167,8 @@ def resolve_source(
     """Decide what ``location`` is: an existing local file, a missing file (error) or a dataset name.
 
     Args:
-        location: a local ``.txt``/``.raw``/``.jsonl``/``.parquet`` file, a local dataset folder or a hub dataset.
+        location: a local ``.txt``/``.raw``/``.jsonl``/``.parquet`` file (``data://...`` for the shared data
+            folder, see :func:`lit_prune.presets.resolve_data_uri`), a local dataset folder or a hub dataset.
         arg: the constructor argument it came from, for error messages.
         text_field: JSON key / column of the text.
         dataset_config: dataset configuration name (datasets only).
@@ -175,6 +178,7 @@ def resolve_source(
         FileNotFoundError: if ``location`` looks like a file path but does not exist.
         ValueError: if it is an existing file with an unsupported suffix.
     """
+    location = resolve_data_uri(location, arg)
     path = Path(location).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
