@@ -7,7 +7,6 @@ subcommands a ``trainer:`` section. ``eval`` ignores the Trainer keys so one fil
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, Namespace, set_parsing_settings
+from jsonargparse import ActionConfigFile, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_prune.datamodules import TextDataModule, TokenDataModule
@@ -54,7 +53,7 @@ class EvalOptions:
     """What ``lit-prune eval`` measures besides parameter counts."""
 
     ppl: bool = True
-    """Score perplexity on the data module's test windows (its val windows when it has no test text)."""
+    """Score perplexity on the data module's validation windows (``val_path``, ``max_val_windows``)."""
     latency: bool = True
     """Measure prefill latency and decode speed."""
     prompt_len: int = 128
@@ -87,42 +86,30 @@ def eval_parser() -> LightningArgumentParser:
     return parser
 
 
-def _eval_data(data_cfg: Namespace | None) -> TokenDataModule | None:
-    """Build the data module of an eval config, or None with a one-line hint when its text is missing."""
-    if data_cfg is None:
-        return None
-    module_name, _, class_name = data_cfg.class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    try:
-        return cls(**data_cfg.init_args.as_dict())
-    except FileNotFoundError as err:
-        print(f"No evaluation text: {err}. {_NO_TEXT_HINT}", file=sys.stderr)
-        return None
-
-
 def _eval_windows(data: TokenDataModule | None, module: CausalLMModule) -> tuple[Any, str | None]:
     """Windows to score and their source, or ``(None, None)`` when there is no text to score."""
     if not isinstance(data, TextDataModule):
         return None, None
     if data.tokenizer is None:
         data.tokenizer = module.tokenizer
-    role = "test" if data.test_path else "val"
-    source = data.test_path if role == "test" else data.val_path
-    if source is None:
+    if data.val_path is None:
         print(f"No evaluation text configured. {_NO_TEXT_HINT}", file=sys.stderr)
         return None, None
-    return data.windows(role), source
+    try:
+        return data.windows("val"), data.val_path
+    except FileNotFoundError as err:
+        print(f"No evaluation text: {err}. {_NO_TEXT_HINT}", file=sys.stderr)
+        return None, None
 
 
 def run_eval(args: list[str]) -> EvalSummary:
     """``lit-prune eval``: measure the model a config describes and print the table."""
     parser = eval_parser()
     cfg = parser.parse_args(args)
-    data_cfg, cfg.data = cfg.data, None  # built separately: missing text is a hint, not a crash
     init = parser.instantiate_classes(cfg)
     module: CausalLMModule = init.model
     opts: EvalOptions = init.eval
-    data = _eval_data(data_cfg) if opts.ppl else None
+    data = init.data if opts.ppl else None
     windows, source = _eval_windows(data, module)
     latency_kwargs = (
         {

@@ -81,7 +81,9 @@ class TextDataModule(TokenDataModule):
         cache_dir: folder of the token cache; default ``$LIT_PRUNE_CACHE`` or ``~/.cache/lit_prune/tokens``.
 
     Raises:
-        FileNotFoundError: if a path looks like a local file but does not exist.
+        FileNotFoundError: when a role is first used (setup, a dataloader, :meth:`windows`) and its path looks like
+            a local file but does not exist. The check waits until then so that, e.g., ``validate`` runs from a
+            config whose training file is absent.
         ValueError: if a file has an unsupported suffix, or a size argument is not positive. At setup: if a text
             is empty or shorter than one window.
 
@@ -140,17 +142,20 @@ class TextDataModule(TokenDataModule):
         self.max_val_windows = max_val_windows
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
-        def source(location: str | None, arg: str, split: str | None) -> TextSource | None:
+        def source(location: str | None, arg: str, split: str | None) -> TextSource | FileNotFoundError | None:
             if location is None:
                 return None
-            src = resolve_source(location, arg, text_field=text_field, dataset_config=dataset_config, split=split)
+            try:
+                src = resolve_source(location, arg, text_field=text_field, dataset_config=dataset_config, split=split)
+            except FileNotFoundError as err:
+                return err  # raised when the role is used, so e.g. `validate` works without the training file
             if src.kind == "hf" and split is None:
                 raise ValueError(f"`{arg}` names a dataset ({location!r}) but its split is None: set the `*_split=`")
             return src
 
         train = source(path, "path", train_split)
-        from_path = train is not None and train.kind == "hf"  # a dataset in `path` supplies the other splits
-        self._sources: dict[str, TextSource | None] = {
+        from_path = isinstance(train, TextSource) and train.kind == "hf"  # a dataset in `path` gives other splits
+        self._sources: dict[str, TextSource | FileNotFoundError | None] = {
             "train": train,
             "val": source(val_path, "val_path", val_split)
             if val_path is not None
@@ -189,6 +194,8 @@ class TextDataModule(TokenDataModule):
             if source is None:
                 what = "training" if role == "train" else role
                 raise ValueError(f"{type(self).__name__} has no {what} text: pass `{_ARGS[role]}=`")
+            if isinstance(source, FileNotFoundError):
+                raise source
             self._windows[role] = self._cut(role, source)
         return self._windows[role]
 

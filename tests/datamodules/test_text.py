@@ -183,9 +183,15 @@ def test_tokenizer_resolution(tmp_path, tiny_tokenizer, tiny_model_dir, text_fil
 
 def test_text_datamodule_misconfiguration(tmp_path, tiny_tokenizer, text_file, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"`val_path` file 'x/wiki.test.raw' does not exist"):
-        make_dm(tmp_path, tiny_tokenizer, val_path="x/wiki.test.raw")
+        make_dm(tmp_path, tiny_tokenizer, val_path="x/wiki.test.raw").setup("validate")
     with pytest.raises(FileNotFoundError, match=r"`path` file '/no/such/dir' does not exist"):
-        make_dm(tmp_path, tiny_tokenizer, path="/no/such/dir")
+        make_dm(tmp_path, tiny_tokenizer, path="/no/such/dir").train_dataloader()
+    # a missing training file does not stop validation: the check waits until the role is used
+    val_only = make_dm(tmp_path, tiny_tokenizer, path="/no/such/train.txt", val_path=str(text_file))
+    val_only.setup("validate")
+    assert val_only.windows("val").shape[1] == 16
+    with pytest.raises(FileNotFoundError, match=r"`path` file '/no/such/train.txt' does not exist"):
+        val_only.setup("fit")
     csv = tmp_path / "data.csv"
     csv.write_text("text\nhello\n")
     with pytest.raises(ValueError, match=r"unsupported suffix '.csv'; supported: \['.jsonl', '.parquet'"):
