@@ -27,7 +27,14 @@ TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 OWN_SUBCOMMANDS = ("eval",)
 _NO_TEXT_HINT = (
     "Point it at text with --data.val_path FILE (.txt/.raw/.jsonl/.parquet) or an HF dataset name "
-    "(--data.path wikitext --data.dataset_config wikitext-2-raw-v1)."
+    "(--data.val_path wikitext --data.dataset_config wikitext-2-raw-v1 --data.val_split test)."
+)
+
+
+_DESCRIPTION = (
+    "lit-prune: prune Hugging Face causal LMs and recover them with LoRA in one Lightning Trainer. "
+    "Trainer subcommands: fit, validate, test, predict. lit-prune subcommands: eval (parameters, perplexity, "
+    "latency table; see `lit-prune eval --help`)."
 )
 
 
@@ -43,6 +50,7 @@ def trainer_cli(args: list[str] | None = None, run: bool = True) -> LitPruneCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": _DESCRIPTION},
         args=args,
         run=run,
     )
@@ -138,6 +146,7 @@ def run_eval(args: list[str]) -> EvalSummary:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lit-prune`` console script."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "eval":
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and not argv[0].startswith("-") and argv[0] not in TRAINER_SUBCOMMANDS:
         commands = ", ".join((*TRAINER_SUBCOMMANDS, *OWN_SUBCOMMANDS))
         raise SystemExit(f"lit-prune: unknown command {argv[0]!r}; choose one of: {commands}")
-    trainer_cli(argv)
+    trainer_cli(None if from_command_line else argv)  # LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

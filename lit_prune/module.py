@@ -6,7 +6,7 @@ Pruning callbacks, recovery and evaluation then share one Trainer.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -21,6 +21,13 @@ from lit_prune.loading import load_model, load_tokenizer, model_from_config
 from lit_prune.metrics import Perplexity
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    ModelObject = PreTrainedModel
+    ConfigObject = PretrainedConfig
+else:  # jsonargparse would list every nn.Module / config subclass in `--help`; YAML gives strings and dicts
+    ModelObject = Any
+    ConfigObject = Any
 
 
 class CausalLMModule(pl.LightningModule):
@@ -61,9 +68,9 @@ class CausalLMModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: str | nn.Module | None = None,
+        model: str | ModelObject | None = None,
         gguf_file: str | None = None,
-        config: dict[str, Any] | PretrainedConfig | None = None,
+        config: dict[str, Any] | ConfigObject | None = None,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         lr: float = 3e-4,
