@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from lit_prune.functional.perplexity import next_token_nll
+from lit_prune.functional.perplexity import labels_for, next_token_nll
 from lit_prune.loading import load_model, load_tokenizer, model_from_config
 from lit_prune.metrics import Perplexity
 
@@ -133,15 +133,16 @@ class CausalLMModule(pl.LightningModule):
             got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise ValueError(f"CausalLMModule expects batches as dicts with `input_ids`, got {got}")
         input_ids = batch["input_ids"]  # (B, T)
-        labels = batch.get("labels", input_ids)  # (B, T), -100 = not scored
-        out = self.model(input_ids=input_ids, attention_mask=batch.get("attention_mask"), use_cache=False)
+        mask = batch.get("attention_mask")
+        labels = labels_for(input_ids, batch.get("labels"), mask)  # (B, T), -100 = not scored (prompt, padding)
+        out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         return out.logits, labels  # (B, T, V), (B, T)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token NLL over the supervised tokens of the batch."""
         logits, labels = self._logits_and_labels(batch)
         nll, count = next_token_nll(logits, labels)
-        loss = (nll / count.clamp_min(1)).to(logits.dtype)
+        loss = (nll / count.clamp_min(1)).float()  # float32 even for bf16 models
         self.log("train_loss", loss, prog_bar=True, batch_size=labels.size(0))
         return loss
 

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lit_prune.arch import unwrap
-from lit_prune.functional.perplexity import IGNORE_INDEX
+from lit_prune.functional.perplexity import IGNORE_INDEX, labels_for
 from lit_prune.metrics import Perplexity
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ def _as_batch(item: torch.Tensor | Mapping[str, torch.Tensor]) -> dict[str, torc
     _check_windows(ids, "input_ids")
     batch = {"input_ids": ids}
     mask = item.get("attention_mask")
-    labels = item.get("labels")
-    if labels is None:
-        labels = ids if mask is None else ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels = labels_for(ids, item.get("labels"), mask)
     if tuple(labels.shape) != tuple(ids.shape):
         raise ValueError(f"`labels` must have the shape of `input_ids` {tuple(ids.shape)}, got {tuple(labels.shape)}")
     batch["labels"] = labels

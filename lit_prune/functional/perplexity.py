@@ -40,6 +40,21 @@ def next_token_nll(
     return nll.double(), count
 
 
+def labels_for(
+    input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The labels to score: ``labels`` when given, else ``input_ids`` with padding (``attention_mask == 0``) ignored.
+
+    Training, validation and :func:`lit_prune.eval.perplexity` all call this, so padded batches are scored the
+    same way on every path.
+    """
+    if labels is not None:
+        return labels
+    if attention_mask is None:
+        return input_ids
+    return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+
+
 def perplexity_from_nll(sum_nll: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``exp(sum_nll / count)``; NaN when nothing was scored."""
     if int(count) == 0:
