@@ -48,7 +48,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     summary = evaluate_model(module.model, "SmolLM2-135M (dense)", windows, proto.eval_file,
-                             latency_kwargs={"prompt_len": 128, "batch_sizes": (1, 8), "new_tokens": 32, "repeats": 3})
+                             latency_kwargs=proto.latency_kwargs())
     eval_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

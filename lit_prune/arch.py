@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -62,8 +63,30 @@ def model_config(model: nn.Module) -> Any:
     return getattr(unwrap(model), "config", None)
 
 
+_ADAPTER_MARKER = "lora_"
+"""Parameters whose qualified name contains this are PEFT LoRA adapters (``lora_A``, ``lora_B``,
+``lora_embedding_A/B``, ``lora_magnitude_vector``), left out of every count so counts describe the base model."""
+
+
 def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Parameters of ``module``, tied weights once; unmerged LoRA adapters are not counted.
+
+    Args:
+        module: any module, possibly holding PEFT LoRA layers.
+
+    Returns:
+        The number of base-model parameter elements.
+    """
+    return sum(p.numel() for name, p in module.named_parameters() if _ADAPTER_MARKER not in name)
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The layer a PEFT tuner layer wraps (following nested ``base_layer``s), or ``module`` itself."""
+    seen = 0
+    while isinstance(getattr(module, "base_layer", None), nn.Module) and seen < 8:
+        module = module.base_layer  # type: ignore[assignment]
+        seen += 1
+    return module
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -169,24 +192,30 @@ class ModelAdapter:
 
     # --- parameter accounting ----------------------------------------------------------------------------------
     def total_params(self, model: nn.Module) -> int:
-        """All parameters, tied weights counted once."""
+        """All parameters, tied weights counted once; unmerged LoRA adapters are not counted."""
         return _count(unwrap(model))
 
     def embedding_params(self, model: nn.Module) -> int:
-        """Input embedding plus the LM head when it is not tied to the embedding."""
-        embed = self.embeddings(model)
-        n = embed.weight.numel()
+        """Input embedding plus the LM head when it is not tied to the embedding.
+
+        Unmerged LoRA adapters are not counted: a PEFT-wrapped ``embed_tokens`` or ``lm_head`` counts as the base
+        layer it wraps.
+        """
+        embed_weight: torch.Tensor = _base_layer(self.embeddings(model)).weight  # type: ignore[assignment]
+        n = embed_weight.numel()
         head = self.lm_head(model)
-        if head is not None and head.weight is not embed.weight:
-            n += _count(head)
+        if head is not None:
+            base_head = _base_layer(head)
+            if base_head.weight is not embed_weight:
+                n += _count(base_head)
         return n
 
     def non_embedding_params(self, model: nn.Module) -> int:
-        """Everything but the embedding and an untied LM head (blocks and the final norm)."""
+        """Everything but the embedding and an untied LM head; unmerged LoRA adapters are not counted."""
         return self.total_params(model) - self.embedding_params(model)
 
     def block_params(self, model: nn.Module) -> list[int]:
-        """Parameters of each block (attention, MLP and norms)."""
+        """Parameters of each block (attention, MLP and norms); unmerged LoRA adapters are not counted."""
         return [_count(b) for b in self.blocks(model)]
 
     def head_params(self, view: AttentionView) -> int:

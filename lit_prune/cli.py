@@ -16,14 +16,16 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 from lit_prune.datamodules import TextDataModule, TokenDataModule
 from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
 from lit_prune.module import CausalLMModule
+from lit_prune.presets import CPU_PROTOCOL
 
 log = logging.getLogger(__name__)
 
-TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
 OWN_SUBCOMMANDS = ("eval",)
 _NO_TEXT_HINT = (
     "Point it at text with --data.val_path FILE (.txt/.raw/.jsonl/.parquet) or an HF dataset name "
@@ -33,17 +35,29 @@ _NO_TEXT_HINT = (
 
 _DESCRIPTION = (
     "lit-prune: prune Hugging Face causal LMs and recover them with LoRA in one Lightning Trainer. "
-    "Trainer subcommands: fit, validate, test, predict. lit-prune subcommands: eval (parameters, perplexity, "
+    "Trainer subcommands: fit, validate, test. lit-prune subcommands: eval (parameters, perplexity, "
     "latency table; see `lit-prune eval --help`)."
 )
 
 
 class LitPruneCLI(LightningCLI):
-    """LightningCLI over :class:`CausalLMModule` and any :class:`TokenDataModule` subclass."""
+    """LightningCLI over :class:`CausalLMModule` and any :class:`TokenDataModule` subclass (no ``predict``)."""
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands that lit-prune supports: ``fit``, ``validate``, ``test``."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in TRAINER_SUBCOMMANDS}
 
 
 def trainer_cli(args: list[str] | None = None, run: bool = True) -> LitPruneCLI:
-    """Run (or, with ``run=False``, only parse and instantiate) a Trainer subcommand."""
+    """Run a Trainer subcommand, or with ``run=False`` only parse the config and instantiate the classes.
+
+    Args:
+        args: command-line words (``["fit", "--config", "x.yaml"]``); None reads ``sys.argv``. With
+            ``run=False`` leave out the subcommand.
+        run: run the subcommand after instantiating.
+    """
     return LitPruneCLI(
         CausalLMModule,
         TokenDataModule,
@@ -64,13 +78,13 @@ class EvalOptions:
     """Score perplexity on the data module's validation windows (``val_path``, ``max_val_windows``)."""
     latency: bool = True
     """Measure prefill latency and decode speed."""
-    prompt_len: int = 128
+    prompt_len: int = CPU_PROTOCOL.latency_prompt_len
     """Prompt length of the latency runs, in tokens."""
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    batch_sizes: list[int] = field(default_factory=lambda: list(CPU_PROTOCOL.latency_batch_sizes))
     """Batch sizes of the prefill measurement."""
-    new_tokens: int = 32
+    new_tokens: int = CPU_PROTOCOL.latency_new_tokens
     """Tokens decoded one at a time with the KV cache (batch 1)."""
-    repeats: int = 3
+    repeats: int = CPU_PROTOCOL.latency_repeats
     """Timed repeats; the median is reported."""
     output: str | None = None
     """Also write the results as JSON to this file."""
@@ -95,23 +109,34 @@ def eval_parser() -> LightningArgumentParser:
 
 
 def _eval_windows(data: TokenDataModule | None, module: CausalLMModule) -> tuple[Any, str | None]:
-    """Windows to score and their source, or ``(None, None)`` when there is no text to score."""
+    """Windows to score and their source, or ``(None, None)`` with a one-line warning when there is no text."""
+    if data is None:
+        return None, None
     if not isinstance(data, TextDataModule):
+        log.warning("eval scores perplexity on TextDataModule windows; %s is skipped.", type(data).__name__)
         return None, None
     if data.tokenizer is None:
         data.tokenizer = module.tokenizer
-    if data.val_path is None:
-        print(f"No evaluation text configured. {_NO_TEXT_HINT}", file=sys.stderr)
+    if not data.has_role("val"):
+        log.warning("No evaluation text configured. %s", _NO_TEXT_HINT)
         return None, None
     try:
-        return data.windows("val"), data.val_path
+        windows = data.windows("val")
     except FileNotFoundError as err:
-        print(f"No evaluation text: {err}. {_NO_TEXT_HINT}", file=sys.stderr)
+        log.warning("No evaluation text: %s. %s", err, _NO_TEXT_HINT)
         return None, None
+    return windows, data.val_path or data.path
 
 
 def run_eval(args: list[str]) -> EvalSummary:
-    """``lit-prune eval``: measure the model a config describes and print the table."""
+    """``lit-prune eval``: measure the model a config describes, print the table, optionally write JSON.
+
+    Args:
+        args: command-line words after ``eval`` (``["--config", "configs/smollm2.yaml"]``).
+
+    Returns:
+        The measurements, as printed.
+    """
     parser = eval_parser()
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)

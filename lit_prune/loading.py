@@ -20,7 +20,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def resolve_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn a model reference into ``(name_or_path, gguf_file)`` for ``from_pretrained``.
 
-    Accepts ``builtin:<alias>``, a path to a ``.gguf`` file, a local folder, or a hub id (kept as is).
+    Args:
+        name_or_path: ``builtin:<alias>``, a path to a ``.gguf`` file, a local folder, or a hub id (kept as is).
+        gguf_file: GGUF file name inside the folder or hub repo.
+
+    Raises:
+        FileNotFoundError: if a ``.gguf`` path or the ``gguf_file`` inside a local folder does not exist.
+        ValueError: for an unknown ``builtin:`` alias.
     """
     if name_or_path.startswith(BUILTIN_PREFIX):
         return resolve_builtin(name_or_path)
@@ -46,8 +52,14 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM; GGUF weights are de-quantized by transformers into ``dtype``.
 
-    The GGUF ``quantization_config`` is dropped from the loaded config, so that what is saved afterwards is a
-    plain checkpoint that ``AutoModelForCausalLM.from_pretrained`` reloads without the GGUF file.
+    The GGUF quantizer and ``quantization_config`` are dropped from the loaded model, so that what is saved
+    afterwards is a plain checkpoint that ``AutoModelForCausalLM.from_pretrained`` reloads without the GGUF file.
+
+    Args:
+        name_or_path: any reference :func:`resolve_source` accepts.
+        gguf_file: GGUF file name inside the folder or hub repo.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
     """
     source, gguf = resolve_source(name_or_path, gguf_file)
     log.info("Loading model %s%s", source, f" (gguf_file={gguf})" if gguf else "")
@@ -61,7 +73,12 @@ def load_model(
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
-    """Load the tokenizer that goes with :func:`load_model`'s arguments; sets a pad token if there is none."""
+    """Load the tokenizer that goes with :func:`load_model`'s arguments; sets pad = EOS if there is no pad token.
+
+    Args:
+        name_or_path: any reference :func:`resolve_source` accepts.
+        gguf_file: GGUF file name inside the folder or hub repo.
+    """
     source, gguf = resolve_source(name_or_path, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

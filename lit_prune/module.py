@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lit_prune.functional.perplexity import labels_for, next_token_nll
 from lit_prune.loading import load_model, load_tokenizer, model_from_config
@@ -53,6 +54,9 @@ class CausalLMModule(pl.LightningModule):
             ``weight_decay``. It only receives parameters with ``requires_grad`` (LoRA, frozen layers).
         scheduler: learning-rate scheduler factory, called with the optimizer.
         scheduler_interval: step the scheduler every optimizer ``"step"`` or every ``"epoch"``.
+
+    The wrapped model is put in train mode (``from_pretrained`` returns eval mode, and Lightning keeps the mode it
+    finds); validation and the :mod:`lit_prune.eval` functions switch to eval mode and back on their own.
 
     Raises:
         ValueError: if neither or both of ``model`` and ``config`` are given, or ``dtype`` is unknown.
@@ -124,6 +128,7 @@ class CausalLMModule(pl.LightningModule):
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
 
+    @override
     def forward(self, **kwargs: Any) -> Any:
         """Call the wrapped Hugging Face model."""
         return self.model(**kwargs)
@@ -138,6 +143,7 @@ class CausalLMModule(pl.LightningModule):
         out = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False)
         return out.logits, labels  # (B, T, V), (B, T)
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token NLL over the supervised tokens of the batch."""
         logits, labels = self._logits_and_labels(batch)
@@ -146,18 +152,21 @@ class CausalLMModule(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=labels.size(0))
         return loss
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate token NLL for ``val_ppl``."""
         logits, labels = self._logits_and_labels(batch)
         self.val_ppl.update(logits, labels)
         self.log("val_ppl", self.val_ppl, prog_bar=True, batch_size=labels.size(0))
 
+    @override
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate token NLL for ``test_ppl``."""
         logits, labels = self._logits_and_labels(batch)
         self.test_ppl.update(logits, labels)
         self.log("test_ppl", self.test_ppl, batch_size=labels.size(0))
 
+    @override
     def configure_optimizers(self) -> Any:
         """The optimizer over trainable parameters only, plus the scheduler if one was given."""
         params = [p for p in self.parameters() if p.requires_grad]

@@ -10,6 +10,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -99,6 +100,23 @@ class Protocol:
     calibration_file: str
     calibration_windows: int
     calibration_seed: int
+    latency_prompt_len: int = 128
+    """Prompt tokens of the prefill and decode measurements."""
+    latency_batch_sizes: tuple[int, ...] = (1, 8)
+    """Batch sizes of the prefill measurement."""
+    latency_new_tokens: int = 32
+    """Tokens decoded one at a time with the KV cache, at batch 1."""
+    latency_repeats: int = 3
+    """Timed repeats (after one warm-up); the median is reported."""
+
+    def latency_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`lit_prune.eval.latency` for this protocol."""
+        return {
+            "prompt_len": self.latency_prompt_len,
+            "batch_sizes": self.latency_batch_sizes,
+            "new_tokens": self.latency_new_tokens,
+            "repeats": self.latency_repeats,
+        }
 
     def eval_path(self) -> Path | None:
         """Absolute path of the evaluation text, or None when the shared data folder is missing."""
@@ -115,7 +133,9 @@ class Protocol:
         return (
             f"{self.name}: PPL on {self.eval_file}, first {self.eval_windows} windows of {self.seq_len} tokens; "
             f"calibration {self.calibration_windows} windows of {self.seq_len} from {self.calibration_file} "
-            f"(seed {self.calibration_seed})"
+            f"(seed {self.calibration_seed}); latency: prompt {self.latency_prompt_len} tokens, prefill at batch "
+            f"{'/'.join(map(str, self.latency_batch_sizes))}, decode {self.latency_new_tokens} tokens at batch 1, "
+            f"median of {self.latency_repeats}"
         )
 
 

@@ -108,3 +108,56 @@ def test_unsupported_model_type_names_it():
         adapter_for(model)
     with pytest.raises(UnsupportedModelError, match="model_type=None"):
         adapter_for(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("target_modules", [["q_proj", "lm_head"], ["q_proj", "v_proj", "embed_tokens", "lm_head"]])
+def test_counts_ignore_unmerged_lora(tiny_model, target_modules):
+    """LoRA A/B weights (even on lm_head or the embedding) are not counted: the counts describe the base model."""
+    from peft import LoraConfig, get_peft_model
+
+    from lit_prune.eval import count_params
+
+    ad = adapter_for(tiny_model)
+    bare = (ad.total_params(tiny_model), ad.embedding_params(tiny_model), ad.non_embedding_params(tiny_model))
+    bare_blocks = ad.block_params(tiny_model)
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=target_modules))
+    assert sum(p.numel() for p in peft_model.parameters()) > bare[0]  # the adapters are there
+    assert tiny_model.lm_head.base_layer is not None  # lm_head is a lora.Linear now
+    assert (ad.total_params(peft_model), ad.embedding_params(peft_model), ad.non_embedding_params(peft_model)) == bare
+    assert ad.block_params(peft_model) == bare_blocks
+    counts = count_params(peft_model)
+    assert (counts.total, counts.embedding, counts.non_embedding) == bare
+
+
+# peft >= 0.18 suggests ensure_weight_tying (not in older peft)
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+def test_counts_ignore_lora_on_a_tied_head():
+    from peft import LoraConfig, get_peft_model
+
+    model = LlamaForCausalLM(tiny_config(tie_word_embeddings=True))
+    ad = adapter_for(model)
+    bare = (ad.total_params(model), ad.embedding_params(model))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert (ad.total_params(peft_model), ad.embedding_params(peft_model)) == bare
+    assert bare[1] == model.config.vocab_size * model.config.hidden_size
+
+
+def test_blocks_rejects_layers_that_are_not_a_module_list(tiny_model):
+    ad = adapter_for(tiny_model)
+    object.__setattr__(tiny_model.model, "layers", list(tiny_model.model.layers))  # shadows the ModuleList
+    with pytest.raises(TypeError, match="Expected `layers` to be an nn.ModuleList, got list"):
+        ad.blocks(tiny_model)
+
+    class WrongLayers(LlamaAdapter):
+        layers_attr = "norm"
+
+    with pytest.raises(TypeError, match="Expected `norm` to be an nn.ModuleList, got LlamaRMSNorm"):
+        WrongLayers().blocks(LlamaForCausalLM(tiny_config(num_hidden_layers=1)))
+
+
+def test_attention_rejects_widths_not_multiple_of_head_dim(tiny_model):
+    block = tiny_model.model.layers[0]
+    block.self_attn.q_proj = torch.nn.Linear(64, 50, bias=False)
+    ad = adapter_for(tiny_model)
+    with pytest.raises(ValueError, match=r"q_proj/k_proj widths \(50, 48\) are not multiples of head_dim=24"):
+        ad.attention(block, ad.head_dim(tiny_model))

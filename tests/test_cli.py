@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -116,17 +117,32 @@ def test_eval_prints_table_and_writes_json(tmp_path, tiny_model_dir, text_file, 
     assert saved["params"]["total"] == sum(p.numel() for p in reloaded.parameters())
 
 
-def test_eval_without_text_says_how_to_point_it(tmp_path, tiny_model_dir, text_file, capsys):
+def test_eval_without_text_says_how_to_point_it(tmp_path, tiny_model_dir, text_file, caplog):
     cfg = _tiny_yaml(tmp_path, tiny_model_dir, text_file, val_path=str(tmp_path / "missing" / "wiki.test.raw"))
-    summary = run_eval(["--config", str(cfg), "--eval.latency", "false"])
-    err = capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="lit_prune.cli"):
+        summary = run_eval(["--config", str(cfg), "--eval.latency", "false"])
     assert summary.ppl is None
-    assert "missing/wiki.test.raw" in err and "--data.val_path" in err
+    (record,) = [r for r in caplog.records if r.name == "lit_prune.cli"]
+    assert "missing/wiki.test.raw' does not exist" in record.getMessage()
+    assert "--data.val_path" in record.getMessage()
+
+
+def test_eval_warns_that_instruction_data_is_not_scored(tmp_path, tiny_model_dir, caplog):
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Say hi", "input": "", "output": "hi"}] * 4))
+    args = ["--model.model", str(tiny_model_dir), "--data", "lit_prune.datamodules.InstructionDataModule",
+            "--data.path", str(alpaca), "--eval.latency", "false"]
+    with caplog.at_level(logging.WARNING, logger="lit_prune.cli"):
+        summary = run_eval(args)
+    assert summary.ppl is None
+    assert "InstructionDataModule is skipped" in caplog.text
 
 
 def test_unknown_command():
-    with pytest.raises(SystemExit, match="unknown command 'prun'; choose one of: fit, validate, test, predict, eval"):
+    with pytest.raises(SystemExit, match="unknown command 'prun'; choose one of: fit, validate, test, eval"):
         main(["prun"])
+    with pytest.raises(SystemExit, match="unknown command 'predict'"):
+        main(["predict"])
 
 
 def test_optimizer_and_scheduler_from_yaml(tmp_path, tiny_model_dir, text_file):

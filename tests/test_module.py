@@ -129,3 +129,22 @@ def test_model_reference_errors(tmp_path):
         CausalLMModule(model=str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match=r"Unknown built-in model 'builtin:nope'; available: \['builtin:smollm2"):
         CausalLMModule(model="builtin:nope")
+
+
+def test_padded_batches_score_the_same_on_both_paths(tiny_model):
+    """Right-padded rows without labels: padding is ignored by training, validation and perplexity()."""
+    g = torch.Generator().manual_seed(3)
+    lengths = [12, 7, 9, 12]
+    rows = [torch.randint(4, 256, (n,), generator=g) for n in lengths]
+    ids = torch.full((4, 12), 3)
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    loader = DataLoader([{"input_ids": ids[i], "attention_mask": mask[i]} for i in range(4)], batch_size=2)
+    unpadded = [perplexity(tiny_model, row[None], progress=False) for row in rows]
+    nll = sum((n - 1) * torch.log(torch.tensor(p)) for n, p in zip(lengths, unpadded))
+    expected = float(torch.exp(nll / sum(n - 1 for n in lengths)))
+    (metrics,) = _trainer().validate(CausalLMModule(model=tiny_model), dataloaders=loader, verbose=False)
+    assert metrics["val_ppl"] == pytest.approx(expected, rel=1e-5)
+    assert perplexity(tiny_model, loader, progress=False) == pytest.approx(expected, rel=1e-5)

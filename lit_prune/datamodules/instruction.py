@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lit_prune.datamodules.base import Batch, TokenDataModule, _check_positive
+from lit_prune._validation import check_int
+from lit_prune.datamodules.base import Batch, TokenDataModule
+from lit_prune.datamodules.sources import check_file, read_jsonl
 from lit_prune.functional.perplexity import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -31,41 +33,38 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-def _check_path(path: str | Path) -> Path:
-    """``path`` as a ``Path``, after checking that it exists and has a supported suffix."""
-    resolved = Path(path).expanduser()
-    if not resolved.is_file():
-        raise FileNotFoundError(f"`path` file {str(path)!r} does not exist")
-    if resolved.suffix.lower() not in _SUFFIXES:
-        raise ValueError(f"`path` must end in one of {list(_SUFFIXES)}, got {str(path)!r}")
-    return resolved
-
-
 def read_records(path: str | Path) -> list[dict[str, str]]:
     """Read Alpaca records from a JSON list or a JSONL file and check each has ``instruction`` and ``output``.
+
+    Errors in a ``.jsonl`` file name the line (counted from 1); in a ``.json`` list, the record index (from 0).
+
+    Args:
+        path: the ``.json`` / ``.jsonl`` file.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ValueError: if the suffix is not ``.json``/``.jsonl``, the JSON is malformed, or a record is missing a field.
     """
-    path = _check_path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".jsonl":
-            data: Any = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"`path` file {str(path)!r} is not valid JSON: {err}") from err
-    if not isinstance(data, list):
-        raise ValueError(f"`path` file {str(path)!r} must hold a JSON list of records, got {type(data).__name__}")
+    resolved = check_file(path, "path", _SUFFIXES)
+    describe = f"`path` file {str(path)!r}"
+    entries: list[tuple[str, Any]]
+    if resolved.suffix.lower() == ".jsonl":
+        entries = [(f"line {lineno}", record) for lineno, record in read_jsonl(resolved, describe)]
+    else:
+        try:
+            data: Any = json.loads(resolved.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{describe} is not valid JSON: {err}") from err
+        if not isinstance(data, list):
+            raise ValueError(f"{describe} must hold a JSON list of records, got {type(data).__name__}")
+        entries = [(f"record {i}", record) for i, record in enumerate(data)]
     records = []
-    for i, record in enumerate(data):
+    for where, record in entries:
         missing = [key for key in ("instruction", "output") if not isinstance(record, dict) or key not in record]
         if missing:
             raise ValueError(
-                f"`path` file {str(path)!r} record {i} has no {missing} field(s); each record needs 'instruction' "
-                f"and 'output' ('input' is optional)"
+                f"{describe} {where} has no {missing} field(s); each record needs 'instruction' and 'output' "
+                f"('input' is optional)"
             )
         records.append({key: str(record.get(key) or "") for key in ("instruction", "input", "output")})
     return records
@@ -140,14 +139,20 @@ class InstructionDataModule(TokenDataModule):
             raise ValueError(f"`prompt_style` must be one of {list(PROMPT_STYLES)}, got {prompt_style!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}")
-        _check_positive("max_samples", max_samples, allow_none=True)
-        _check_path(path)
+        check_int("max_samples", max_samples, allow_none=True)
+        check_file(path, "path", _SUFFIXES)
         self.path = path
         self.prompt_style = prompt_style
         self.val_fraction = val_fraction
         self.max_samples = max_samples
+        # Memos, valid for the tokenizer in `_memo_tokenizer` only (`_reset_memos` clears them when it changes).
         self._train: list[Batch] | None = None
         self._val: list[Batch] = []
+
+    @override
+    def _reset_memos(self) -> None:
+        self._train = None
+        self._val = []
 
     def prompt(self, instruction: str, input: str = "") -> str:
         """The prompt text of one record in this module's ``prompt_style``.
@@ -191,11 +196,15 @@ class InstructionDataModule(TokenDataModule):
 
     @override
     def setup(self, stage: str | None = None) -> None:
-        """Read, split (seeded) and tokenize the records once; later calls do nothing.
+        """Read, split (seeded) and tokenize the records once; later calls do nothing until the tokenizer changes.
+
+        Args:
+            stage: the Trainer stage; every stage needs the same examples.
 
         Raises:
-            ValueError: for malformed records, or when no example is left for training.
+            ValueError: for malformed records, when no example is left for training, or without a tokenizer.
         """
+        self._current_tokenizer()  # clears the examples if they were encoded with another tokenizer
         if self._train is not None:
             return
         records = read_records(self.path)
@@ -233,8 +242,7 @@ class InstructionDataModule(TokenDataModule):
         )
 
     def _train_examples(self) -> list[Batch]:
-        if self._train is None:
-            self.setup()
+        self.setup()  # a no-op once set up, unless the tokenizer changed
         assert self._train is not None  # set by setup
         return self._train
 
@@ -261,7 +269,7 @@ class InstructionDataModule(TokenDataModule):
     @override
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         self._train_examples()
-        return self._loader(self._val, self.batch_size) if self._val else []
+        return self._eval_loader_over(self._val, "validation") if self._val else []
 
     @override
     def test_dataloader(self) -> DataLoader | list[DataLoader]:

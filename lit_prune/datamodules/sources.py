@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 SUPPORTED_SUFFIXES = (".jsonl", ".parquet", ".raw", ".txt")
 # Suffixes that mark a location as a file path (so a missing one is an error, not a dataset name).
 _FILE_SUFFIXES = {*SUPPORTED_SUFFIXES, ".json", ".csv", ".tsv", ".text", ".arrow", ".gz", ".bz2", ".xz", ".zst"}
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: files keyed by content hash, tokenizer definition without truncation/padding state
+_HASH_CHUNK = 1 << 20
+# Runtime state of a fast tokenizer that `__call__` rewrites (truncation=True, padding=...): not part of its identity.
+_TOKENIZER_STATE_KEYS = ("truncation", "padding")
 
 SourceKind = Literal["text", "jsonl", "parquet", "hf"]
 
@@ -31,6 +34,61 @@ def default_cache_dir() -> Path:
     """``$LIT_PRUNE_CACHE`` when set, else ``~/.cache/lit_prune/tokens``."""
     env = os.environ.get("LIT_PRUNE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lit_prune" / "tokens"
+
+
+def check_file(location: str | Path, arg: str, suffixes: tuple[str, ...], hint: str = "") -> Path:
+    """``location`` as a ``Path`` (``~`` expanded), after checking that it is a file with one of ``suffixes``.
+
+    Args:
+        location: the path as given.
+        arg: the argument it came from, for error messages (e.g. ``"path"``).
+        suffixes: allowed lower-case suffixes, with the dot.
+        hint: appended to the suffix error, e.g. ``" (or a Hugging Face dataset name)"``.
+
+    Raises:
+        FileNotFoundError: if ``location`` is not an existing file.
+        ValueError: if its suffix is not one of ``suffixes``.
+    """
+    path = Path(location).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"`{arg}` file {str(location)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise ValueError(
+            f"`{arg}` file {str(location)!r} has unsupported suffix {suffix!r}; supported: {list(suffixes)}{hint}"
+        )
+    return path
+
+
+def read_jsonl(path: str | Path, describe: str) -> list[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of a JSONL file; line numbers start at 1.
+
+    Args:
+        path: the ``.jsonl`` file.
+        describe: how error messages name the file, e.g. ``"`path` file 'data.jsonl'"``.
+
+    Raises:
+        ValueError: naming the line number, if a line is not valid JSON.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{describe} line {lineno} is not valid JSON: {err}") from err
+    return rows
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _looks_like_file(location: str) -> bool:
@@ -77,11 +135,19 @@ class TextSource:
         return f"`{self.arg}` dataset {self.location!r} (split {self.split!r}{config})"
 
     def identity(self) -> dict[str, Any]:
-        """What the cached tokens depend on: the resolved file with its size and mtime, or the dataset split."""
+        """What the cached tokens depend on.
+
+        A file is identified by its content (SHA-256 and size), its kind and ``text_field``, not by its path or
+        mtime, so an edit is always seen, even one that keeps the size and restores the mtime. A dataset split is
+        identified by name, config, split, ``text_field`` and the ``datasets`` fingerprint.
+        """
         if self.kind != "hf":
-            stat = Path(self.location).stat()
-            resolved = str(Path(self.location).resolve())
-            return {"file": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "field": self.text_field}
+            return {
+                "kind": self.kind,
+                "size": Path(self.location).stat().st_size,
+                "sha256": file_sha256(self.location),
+                "field": self.text_field,
+            }
         dataset = self._load_dataset()
         return {
             "dataset": self.location,
@@ -115,20 +181,13 @@ class TextSource:
 
     def _jsonl_texts(self) -> list[str]:
         texts = []
-        with open(self.location, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.describe()} line {lineno} is not valid JSON: {err}") from err
-                if not isinstance(record, dict) or self.text_field not in record:
-                    raise ValueError(
-                        f"{self.describe()} line {lineno} has no {self.text_field!r} field; set `text_field=` "
-                        f"to the key holding the text"
-                    )
-                texts.append(self._check_str(lineno, record[self.text_field], what="line"))
+        for lineno, record in read_jsonl(self.location, self.describe()):
+            if not isinstance(record, dict) or self.text_field not in record:
+                raise ValueError(
+                    f"{self.describe()} line {lineno} has no {self.text_field!r} field; set `text_field=` "
+                    f"to the key holding the text"
+                )
+            texts.append(self._check_str(lineno, record[self.text_field], what="line"))
         return texts
 
     def _check_field(self, columns: list[str]) -> None:
@@ -181,12 +240,8 @@ def resolve_source(
     location = resolve_data_uri(location, arg)
     path = Path(location).expanduser()
     if path.is_file():
+        check_file(location, arg, SUPPORTED_SUFFIXES, hint=" (or a Hugging Face dataset name)")
         suffix = path.suffix.lower()
-        if suffix not in SUPPORTED_SUFFIXES:
-            raise ValueError(
-                f"`{arg}` file {location!r} has unsupported suffix {suffix!r}; supported: {list(SUPPORTED_SUFFIXES)} "
-                f"(or a Hugging Face dataset name)"
-            )
         kind: SourceKind = "text" if suffix in (".txt", ".raw") else "jsonl" if suffix == ".jsonl" else "parquet"
         return TextSource(arg=arg, location=str(path), kind=kind, text_field=text_field)
     if not path.is_dir() and _looks_like_file(location):
@@ -197,10 +252,21 @@ def resolve_source(
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """What the token ids depend on: class, name, vocabulary size and a hash of the full tokenizer definition."""
+    """What the token ids depend on: class, name, vocabulary size and a hash of the full tokenizer definition.
+
+    The definition is the backend tokenizer JSON (vocabulary, merges, added tokens, normalizer, pre-tokenizer...)
+    without its ``truncation`` and ``padding`` entries: a call such as ``tokenizer(x, truncation=True)`` leaves
+    them set on the backend, and they do not change how a text is tokenized into one stream. A tokenizer without
+    a backend is hashed by its vocabulary.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    # the full tokenizer JSON when there is one (vocab, merges, normalizer...), else the vocabulary
-    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        for key in _TOKENIZER_STATE_KEYS:
+            spec.pop(key, None)
+        definition = json.dumps(spec, sort_keys=True)
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
     return {
         "class": type(tokenizer).__name__,
         "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
@@ -218,8 +284,14 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor
 def load_tokens(source: TextSource, tokenizer: PreTrainedTokenizerBase, cache_dir: str | Path) -> torch.Tensor:
     """The 1-D token stream of ``source``, read from the disk cache or tokenized once and cached atomically.
 
-    The cache key hashes the tokenizer (:func:`tokenizer_fingerprint`) and the source identity (file path, size and
-    mtime, or dataset name/config/split/fingerprint), so editing a file or changing the tokenizer re-tokenizes.
+    The cache key hashes the cache format, the tokenizer (:func:`tokenizer_fingerprint`) and the source
+    (:meth:`TextSource.identity`: a file's content hash, or the dataset name/config/split/fingerprint), so editing a
+    file or changing the tokenizer re-tokenizes. ``seq_len`` is not part of the key: windows are cut on read.
+
+    Args:
+        source: the text to tokenize.
+        tokenizer: the tokenizer.
+        cache_dir: folder of the cache files.
 
     Raises:
         ValueError: if the source has no text.

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from lit_prune.datamodules.base import Batch, TokenDataModule, _check_positive
+from lit_prune._validation import check_int
+from lit_prune.datamodules.base import Batch, TokenDataModule
 from lit_prune.datamodules.sources import TextSource, default_cache_dir, load_tokens, resolve_source
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,14 @@ class TextDataModule(TokenDataModule):
     blank lines (``"\n\n"``) before tokenizing without special tokens; the incomplete tail window is dropped.
     Batches are ``{"input_ids": LongTensor(batch, seq_len)}`` with no padding: the tokens are their own labels.
 
-    The token stream of each source is cached under ``cache_dir``, keyed by the tokenizer (class, name, vocabulary
-    size, hash of its definition) and the source (resolved path, size, mtime; or dataset name, config, split,
-    fingerprint), so a second run reads the cache and an edited file is tokenized again.
+    The token stream of each source (not its windows) is cached under ``cache_dir``. The cache key is the SHA-256
+    of exactly three things: the cache format version; the tokenizer (class, ``name_or_path``, ``len(tokenizer)``
+    and the SHA-256 of its backend definition JSON without the ``truncation``/``padding`` state, or of its
+    vocabulary when it has no backend); and the source (for a file: its kind, ``text_field``, size and the SHA-256
+    of its content; for a dataset: name, config, split, ``text_field`` and the ``datasets`` fingerprint). Neither
+    ``seq_len`` nor ``max_*_windows`` nor a file's path or mtime is part of it: windows are cut on read, the same
+    content anywhere reuses the cache, and any edit of a file is tokenized again. ``prepare_data`` (run by
+    Lightning on one process per node) fills the cache, so ``setup`` on the other ranks only reads it.
 
     Args:
         path: training text (file or dataset name). A dataset given only here also supplies val, test and
@@ -84,7 +90,7 @@ class TextDataModule(TokenDataModule):
         FileNotFoundError: when a role is first used (setup, a dataloader, :meth:`windows`) and its path looks like
             a local file but does not exist. The check waits until then so that, e.g., ``validate`` runs from a
             config whose training file is absent.
-        ValueError: if a file has an unsupported suffix, or a size argument is not positive. At setup: if a text
+        ValueError: if a file has an unsupported suffix, or a size argument is not an int >= 1. At setup: if a text
             is empty or shorter than one window.
 
     Example::
@@ -132,8 +138,8 @@ class TextDataModule(TokenDataModule):
             calibration_windows=calibration_windows,
             calibration_seed=calibration_seed,
         )
-        _check_positive("max_train_windows", max_train_windows, allow_none=True)
-        _check_positive("max_val_windows", max_val_windows, allow_none=True)
+        check_int("max_train_windows", max_train_windows, allow_none=True)
+        check_int("max_val_windows", max_val_windows, allow_none=True)
         self.path, self.val_path, self.test_path, self.calibration_path = path, val_path, test_path, calibration_path
         self.text_field = text_field
         self.dataset_config = dataset_config
@@ -171,8 +177,14 @@ class TextDataModule(TokenDataModule):
             self._sources["calibration"] = source(path, "path", calibration_split or train_split)
         else:
             self._sources["calibration"] = source(val_path, "val_path", calibration_split or val_split)
+        # Memos, valid for the tokenizer in `_memo_tokenizer` only (`_reset_memos` clears them when it changes).
         self._windows: dict[str, torch.Tensor] = {}
         self._streams: dict[tuple[str, str | None, str], torch.Tensor] = {}
+
+    @override
+    def _reset_memos(self) -> None:
+        self._windows.clear()
+        self._streams.clear()
 
     def has_role(self, role: str) -> bool:
         """Whether a source was configured for ``role`` (one of ``train``, ``val``, ``test``, ``calibration``)."""
@@ -182,32 +194,42 @@ class TextDataModule(TokenDataModule):
     def windows(self, role: str) -> torch.Tensor:
         """The ``(N, seq_len)`` LongTensor of windows of ``role``, tokenizing (or reading the cache) on first use.
 
+        The windows are remembered for the tokenizer they were cut with; after ``tokenizer`` changes (another
+        object or name, or another model's tokenizer) they are computed again.
+
         Args:
             role: one of ``"train"``, ``"val"``, ``"test"``, ``"calibration"``.
 
         Raises:
-            ValueError: if ``role`` is unknown, has no source, or its text is shorter than one window.
+            FileNotFoundError: if the file of ``role`` does not exist.
+            ValueError: if ``role`` is unknown, has no source, its text is shorter than one window, or there is
+                no tokenizer.
         """
         self._check_role(role)
+        source = self._sources[role]
+        if source is None:
+            what = "training" if role == "train" else role
+            raise ValueError(f"{type(self).__name__} has no {what} text: pass `{_ARGS[role]}=`")
+        if isinstance(source, FileNotFoundError):
+            raise source
+        tokenizer = self._current_tokenizer()  # clears the memos if the tokenizer changed
         if role not in self._windows:
-            source = self._sources[role]
-            if source is None:
-                what = "training" if role == "train" else role
-                raise ValueError(f"{type(self).__name__} has no {what} text: pass `{_ARGS[role]}=`")
-            if isinstance(source, FileNotFoundError):
-                raise source
-            self._windows[role] = self._cut(role, source)
+            self._windows[role] = self._cut(role, source, tokenizer)
         return self._windows[role]
 
     def _check_role(self, role: str) -> None:
         if role not in ROLES:
             raise ValueError(f"`role` must be one of {list(ROLES)}, got {role!r}")
 
-    def _cut(self, role: str, source: TextSource) -> torch.Tensor:
+    def _stream(self, source: TextSource, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        """The ``(T,)`` int32 token stream of ``source``: memo, else disk cache, else tokenized and cached."""
         memo = (source.location, source.split, source.text_field)
         if memo not in self._streams:
-            self._streams[memo] = load_tokens(source, self.get_tokenizer(), self.cache_dir)
-        tokens = self._streams[memo]  # (T,) int32
+            self._streams[memo] = load_tokens(source, tokenizer, self.cache_dir)
+        return self._streams[memo]
+
+    def _cut(self, role: str, source: TextSource, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        tokens = self._stream(source, tokenizer)  # (T,) int32
         n = tokens.numel() // self.seq_len
         if n == 0:
             raise ValueError(
@@ -227,6 +249,27 @@ class TextDataModule(TokenDataModule):
             windows.shape[0],
         )
         return windows
+
+    @override
+    def prepare_data(self) -> None:
+        """Tokenize the texts the Trainer's stage needs (all configured ones without a Trainer) into the disk cache.
+
+        Lightning calls this on one process per node before ``setup``, so the other ranks read the cache instead of
+        tokenizing too. Roles without a source, or whose file is missing, are skipped: ``setup`` raises for those
+        the stage needs. Texts too short for one window are cached as well; ``setup`` reports them.
+
+        Raises:
+            ValueError: if there is no tokenizer, or a text needed by the stage is empty or malformed.
+        """
+        fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+        stage = None if fn is None else str(getattr(fn, "value", fn))
+        roles = _STAGE_ROLES.get(stage, ())
+        sources = [s for s in (self._sources[role] for role in roles) if isinstance(s, TextSource)]
+        if not sources:
+            return
+        tokenizer = self._current_tokenizer()
+        for source in sources:
+            self._stream(source, tokenizer)
 
     @override
     def setup(self, stage: str | None = None) -> None:
@@ -254,7 +297,7 @@ class TextDataModule(TokenDataModule):
     def _eval_loader(self, role: str) -> DataLoader | list[DataLoader]:
         if self._sources[role] is None:
             return []  # Lightning skips a loop without dataloaders
-        return self._loader(_WindowDataset(self.windows(role)), self.batch_size)
+        return self._eval_loader_over(_WindowDataset(self.windows(role)), role)
 
     @override
     def _calibration_dataset(self) -> list[Batch]:

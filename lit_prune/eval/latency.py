@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_prune.arch import unwrap
-from lit_prune.eval.perplexity import _evaluating
+from lit_prune._validation import check_int
+from lit_prune.arch import model_config
+from lit_prune.eval._common import evaluating, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ class LatencyResult:
     """What :func:`latency` measured (medians over the timed repeats).
 
     Args:
-        prefill_ms: batch size -> median milliseconds of one forward pass over ``(batch, prompt_len)`` tokens.
+        prefill_ms: batch size -> median milliseconds of one forward pass over ``(batch, prompt_len)`` tokens
+            (logits of the last position only, as in ``generate``).
         decode_tokens_per_s: greedy decode throughput at batch 1, ``new_tokens / median decode seconds``.
         decode_ms_per_token: median decode milliseconds divided by ``new_tokens``.
         prompt_len: prompt length in tokens.
@@ -66,23 +68,6 @@ class LatencyResult:
         )
 
 
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued kernels on ``device`` (no-op on CPU), so wall-clock timings are honest."""
-    if device.type == "cpu":
-        return
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-    elif hasattr(torch, "accelerator") and torch.accelerator.is_available():
-        torch.accelerator.synchronize(device)
-
-
-def _check_positive(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-
-
 def _median_ms(run: Callable[[], float], warmup: int, repeats: int) -> float:
     """Median of ``repeats`` timed calls after ``warmup`` untimed ones; ``run`` returns seconds."""
     for _ in range(warmup):
@@ -102,9 +87,12 @@ def latency(
 ) -> LatencyResult:
     """Time prefill per batch size and greedy decode at batch 1, on seeded random prompts.
 
-    Prefill is one ``use_cache=False`` forward over ``(batch, prompt_len)`` ids. Decode prefills a batch-1 prompt
-    with the KV cache (untimed), then runs ``new_tokens`` single-token forwards that feed ``past_key_values`` back
-    (a manual loop, not ``generate``: no generation config, no EOS stop); only that loop is timed.
+    Prefill is one ``use_cache=False`` forward over ``(batch, prompt_len)`` ids with ``logits_to_keep=1``: like
+    ``generate``, it projects only the last position onto the vocabulary, so the timing is what generation pays
+    for a prompt (not ``prompt_len`` full-vocabulary logit rows). Decode prefills a batch-1 prompt with the KV cache
+    (also ``logits_to_keep=1``, untimed), then runs ``new_tokens`` single-token forwards that feed
+    ``past_key_values`` back (a manual loop, not ``generate``: no generation config, no EOS stop); only that loop is
+    timed.
 
     Args:
         model: a Hugging Face causal LM, or a wrapper around one.
@@ -120,8 +108,8 @@ def latency(
         A :class:`LatencyResult`.
 
     Raises:
-        ValueError: naming the argument, if a count is not a positive int (``warmup`` may be 0) or
-            ``batch_sizes`` is empty, or if the model has no ``config.vocab_size``.
+        ValueError: naming the argument, if a count is not a positive int (``warmup`` and ``seed`` may be 0) or
+            ``batch_sizes`` is not a non-empty sequence, or if the model has no ``config.vocab_size``.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -132,15 +120,15 @@ def latency(
         ([1, 2], True)
     """
     for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens), ("repeats", repeats)):
-        _check_positive(name, value)
-    _check_positive("warmup", warmup, minimum=0)
+        check_int(name, value)
+    check_int("warmup", warmup, minimum=0)
     if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence) or len(batch_sizes) == 0:
         raise ValueError(f"`batch_sizes` must be a non-empty sequence of positive ints, got {batch_sizes!r}")
     for b in batch_sizes:
-        _check_positive("batch_sizes", b)
-    _check_positive("seed", seed, minimum=0)
+        check_int("batch_sizes", b)
+    check_int("seed", seed, minimum=0)
 
-    config: Any = getattr(unwrap(model), "config", None)
+    config: Any = model_config(model)
     if config is None or not hasattr(config, "vocab_size"):
         raise ValueError(f"`model` must be a causal LM with a `config.vocab_size`, got {type(model).__name__}")
     vocab = int(config.vocab_size)
@@ -149,14 +137,14 @@ def latency(
         log.warning("prompt_len + new_tokens = %d exceeds max_position_embeddings=%d", prompt_len + new_tokens, max_pos)
     generator = torch.Generator().manual_seed(seed)
 
-    with _evaluating(model, device) as (hf_model, target), torch.inference_mode():
+    with evaluating(model, device) as (hf_model, target), torch.inference_mode():
         dtype = str(next(hf_model.parameters()).dtype).removeprefix("torch.")
 
         def prefill_run(ids: torch.Tensor) -> float:
-            _synchronize(target)
+            synchronize(target)
             start = time.perf_counter()
-            hf_model(input_ids=ids, use_cache=False)
-            _synchronize(target)
+            hf_model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            synchronize(target)
             return time.perf_counter() - start
 
         prefill_ms: dict[int, float] = {}
@@ -167,16 +155,16 @@ def latency(
         prompt = torch.randint(0, vocab, (1, prompt_len), generator=generator).to(target)  # (1, T)
 
         def decode_run() -> float:
-            out = hf_model(input_ids=prompt, use_cache=True)
+            out = hf_model(input_ids=prompt, use_cache=True, logits_to_keep=1)
             pkv = out.past_key_values
             next_tok = out.logits[:, -1:].argmax(dim=-1)  # (1, 1)
-            _synchronize(target)
+            synchronize(target)
             start = time.perf_counter()
             for _ in range(new_tokens):
                 out = hf_model(input_ids=next_tok, past_key_values=pkv, use_cache=True)
                 pkv = out.past_key_values
                 next_tok = out.logits[:, -1:].argmax(dim=-1)  # (1, 1)
-            _synchronize(target)
+            synchronize(target)
             return time.perf_counter() - start
 
         decode_ms = _median_ms(decode_run, warmup, repeats)

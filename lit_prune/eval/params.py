@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ParamCount:
-    """Parameter counts; tied weights are counted once.
+    """Parameter counts of the base model; tied weights are counted once, unmerged LoRA adapters not at all.
 
     Args:
         total: every parameter.
@@ -34,8 +34,12 @@ class ParamCount:
 def count_params(model: nn.Module) -> ParamCount:
     """Count ``model``'s parameters through its :class:`lit_prune.arch.ModelAdapter`.
 
+    The counts describe the base model: unmerged LoRA adapters (PEFT ``lora_A``/``lora_B``, ``lora_embedding_*``,
+    ``lora_magnitude_vector``) are not counted, and a LoRA-wrapped ``lm_head`` or ``embed_tokens`` counts as the
+    layer it wraps. Merge the adapters first (``merge_and_unload``) to count the deployed model.
+
     Args:
-        model: a supported Hugging Face causal LM, or a wrapper around one.
+        model: a supported Hugging Face causal LM, or a wrapper around one (``CausalLMModule``, PEFT model).
 
     Returns:
         A :class:`ParamCount`.

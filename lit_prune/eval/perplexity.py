@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,7 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lit_prune.arch import unwrap
+from lit_prune._validation import check_int
+from lit_prune.eval._common import evaluating
 from lit_prune.functional.perplexity import IGNORE_INDEX, labels_for
 from lit_prune.metrics import Perplexity
 
@@ -43,37 +43,6 @@ class PerplexityResult:
     def as_dict(self) -> dict[str, float | int]:
         """The fields as a plain dict (for loggers and JSON)."""
         return asdict(self)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless module)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _evaluating(model: nn.Module, device: str | torch.device | None) -> Iterator[tuple[nn.Module, torch.device]]:
-    """Put ``model`` in eval mode (on ``device`` if given) and restore every module's mode and the device after.
-
-    Yields:
-        ``(hf_model, device)``: the Hugging Face model inside a wrapper (see :func:`lit_prune.arch.unwrap`) and the
-        device the inputs must go to.
-    """
-    original = _model_device(model)
-    target = torch.device(device) if device is not None else original
-    modes = {module: module.training for module in model.modules()}
-    moved = target != original
-    if moved:
-        log.info("Moving the model from %s to %s for evaluation (moved back afterwards)", original, target)
-        model.to(target)
-    model.eval()
-    try:
-        yield unwrap(model), target
-    finally:
-        for module, training in modes.items():
-            module.training = training
-        if moved:
-            model.to(original)
 
 
 def _check_windows(ids: torch.Tensor, name: str = "windows") -> None:
@@ -166,12 +135,11 @@ def perplexity_details(
         >>> res.tokens, res.windows, res.seq_len
         (21, 3, 8)
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     batches, total = _batches(windows, batch_size)
     metric = Perplexity()
     n_windows = seq_len = 0
-    with _evaluating(model, device) as (hf_model, target), torch.inference_mode():
+    with evaluating(model, device) as (hf_model, target), torch.inference_mode():
         for item in tqdm(batches, total=total, desc="perplexity", disable=not progress, leave=False):
             batch = {k: v.to(target) for k, v in _as_batch(item).items()}
             labels = batch.pop("labels")

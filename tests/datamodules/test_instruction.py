@@ -3,9 +3,11 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
 from lit_prune.datamodules import InstructionDataModule
 from lit_prune.datamodules.instruction import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
@@ -106,6 +108,49 @@ def test_calibration_from_training_split(alpaca_file, tiny_tokenizer):
         dm.calibration_dataloader(n=4)
 
 
+def test_changing_the_tokenizer_encodes_again(alpaca_file, tiny_tokenizer):
+    dm = InstructionDataModule(str(alpaca_file), tokenizer=tiny_tokenizer, val_fraction=0.0)
+    first = [e["input_ids"].tolist() for e in dm.calibration_dataloader(n=4, batch_size=1)]
+    other = copy.deepcopy(tiny_tokenizer)
+    other.add_tokens(["quick brown"])
+    dm.tokenizer = other
+    dm.setup("fit")
+    again = [e["input_ids"].tolist() for e in dm.calibration_dataloader(n=4, batch_size=1)]
+    assert again != first
+    prompt, response = reference(other, RECORDS[0])
+    assert prompt + response in [row[0] for row in again]
+
+
+def test_val_loader_scores_each_example_once_across_ranks(tmp_path, tiny_tokenizer):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in RECORDS * 3) + "\n")
+    dm = InstructionDataModule(str(path), tokenizer=tiny_tokenizer, val_fraction=0.25, batch_size=1)
+    dm.setup("fit")
+    assert len(dm._val) == 3
+    counts = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = dm.val_dataloader()
+        assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
+        counts.append(len(list(loader)))
+    assert counts == [2, 1]
+
+
+def test_jsonl_errors_name_the_line(tmp_path, tiny_tokenizer):
+    cases = {
+        "bad.jsonl": ('{"instruction": "x", "output": "y"}\n{not json\n', r"'.*bad.jsonl' line 2 is not valid JSON"),
+        "missing.jsonl": (
+            f"{json.dumps(RECORDS[0])}\n\n{json.dumps({'instruction': 'x'})}\n",
+            r"'.*missing.jsonl' line 3 has no \['output'\] field",
+        ),
+    }
+    for name, (content, match) in cases.items():
+        path = tmp_path / name
+        path.write_text(content)
+        with pytest.raises(ValueError, match=match):
+            InstructionDataModule(str(path), tokenizer=tiny_tokenizer).setup("fit")
+
+
 def test_chat_prompt_style(alpaca_file, tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = (
@@ -126,13 +171,15 @@ def test_instruction_datamodule_misconfiguration(tmp_path, alpaca_file, tiny_tok
         InstructionDataModule("nope/alpaca.json", tokenizer=tiny_tokenizer)
     txt = tmp_path / "alpaca.txt"
     txt.write_text("[]")
-    with pytest.raises(ValueError, match=r"`path` must end in one of \['.json', '.jsonl'\], got '.*alpaca.txt'"):
+    with pytest.raises(
+        ValueError, match=r"`path` file '.*alpaca.txt' has unsupported suffix '.txt'; supported: \['.json', '.jsonl'\]"
+    ):
         InstructionDataModule(str(txt), tokenizer=tiny_tokenizer)
     with pytest.raises(ValueError, match=r"`prompt_style` must be one of \['alpaca', 'chat'\], got 'vicuna'"):
         InstructionDataModule(str(alpaca_file), prompt_style="vicuna")
     with pytest.raises(ValueError, match=r"`val_fraction` must be in \[0, 1\), got 1.0"):
         InstructionDataModule(str(alpaca_file), val_fraction=1.0)
-    with pytest.raises(ValueError, match=r"`max_samples` must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match=r"`max_samples` must be an int >= 1 or None, got 0"):
         InstructionDataModule(str(alpaca_file), max_samples=0)
 
     cases = {

@@ -1,19 +1,27 @@
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 
+from lit_prune import CausalLMModule
 from lit_prune.datamodules import TextDataModule, TokenDataModule
 from lit_prune.datamodules import sources as sources_module
+from lit_prune.datamodules.sources import tokenizer_fingerprint
+from lit_prune.eval import perplexity
 from lit_prune.presets import data_root
 
 SEQ = 16
@@ -32,6 +40,17 @@ def cut(tokens: torch.Tensor, seq_len: int = SEQ) -> torch.Tensor:
 def make_dm(tmp_path: Path, tokenizer, **kwargs) -> TextDataModule:
     kwargs.setdefault("seq_len", SEQ)
     return TextDataModule(tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def with_added_token(tokenizer):
+    """A copy of ``tokenizer`` that reads "quick brown" as one added token, so it tokenizes the corpus differently."""
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["quick brown"])
+    return other
+
+
+def no_tokenizing(*args, **kwargs):
+    raise AssertionError("tokenized again instead of reading the cache")
 
 
 def test_txt_windows_are_the_stream_cut_in_chunks(tmp_path, tiny_tokenizer, text_file):
@@ -152,10 +171,7 @@ def test_disk_cache_is_reused_and_invalidated(tmp_path, tiny_tokenizer, monkeypa
     first.setup("fit")
     assert len(list((tmp_path / "cache").glob("corpus.txt-*.pt"))) == 1
 
-    def boom(*args, **kwargs):
-        raise AssertionError("tokenized again instead of reading the cache")
-
-    monkeypatch.setattr(sources_module, "tokenize_text", boom)
+    monkeypatch.setattr(sources_module, "tokenize_text", no_tokenizing)
     second = make_dm(tmp_path, tiny_tokenizer, path=str(path), seq_len=8)  # seq_len is not part of the key
     with caplog.at_level(logging.INFO, logger="lit_prune.datamodules.sources"):
         second.setup("fit")
@@ -170,6 +186,153 @@ def test_disk_cache_is_reused_and_invalidated(tmp_path, tiny_tokenizer, monkeypa
     third.setup("fit")
     torch.testing.assert_close(third.windows("train"), cut(stream(tiny_tokenizer, new_text)))
     assert len(list((tmp_path / "cache").glob("corpus.txt-*.pt"))) == 2
+
+
+def test_same_size_edit_with_restored_mtime_is_tokenized_again(tmp_path, tiny_tokenizer):
+    path = tmp_path / "corpus.txt"
+    old_text = "The quick brown fox jumps over the lazy dog. " * 20
+    new_text = "The lazy brown dog jumps over the quick fox. " * 20
+    assert len(old_text) == len(new_text)
+    path.write_text(old_text)
+    before = path.stat()
+    make_dm(tmp_path, tiny_tokenizer, path=str(path)).setup("fit")
+    path.write_text(new_text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    dm = make_dm(tmp_path, tiny_tokenizer, path=str(path))
+    dm.setup("fit")
+    torch.testing.assert_close(dm.windows("train"), cut(stream(tiny_tokenizer, new_text)))
+    assert not torch.equal(dm.windows("train"), cut(stream(tiny_tokenizer, old_text)))
+
+
+def test_tokenizer_fingerprint_ignores_truncation_and_padding_state(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    before = tokenizer_fingerprint(tok)
+    tok("x", truncation=True, max_length=4)
+    assert json.loads(tok.backend_tokenizer.to_str())["truncation"] is not None  # the call left its state behind
+    assert tokenizer_fingerprint(tok) == before
+    tok(["a", "a b c"], padding=True)
+    assert tokenizer_fingerprint(tok) == before
+    assert tokenizer_fingerprint(with_added_token(tok)) != before
+
+
+def test_a_different_tokenizer_gets_its_own_cache_entry(tmp_path, tiny_tokenizer, text_file, monkeypatch):
+    other = with_added_token(tiny_tokenizer)
+    text = text_file.read_text()
+    assert not torch.equal(stream(other, text)[:100], stream(tiny_tokenizer, text)[:100])
+    make_dm(tmp_path, tiny_tokenizer, val_path=str(text_file)).setup("validate")
+    dm = make_dm(tmp_path, other, val_path=str(text_file))
+    dm.setup("validate")
+    torch.testing.assert_close(dm.windows("val"), cut(stream(other, text)))
+    assert len(list((tmp_path / "cache").glob("corpus.txt-*.pt"))) == 2
+    # both entries are reused afterwards, each by its own tokenizer
+    monkeypatch.setattr(sources_module, "tokenize_text", no_tokenizing)
+    for tok in (tiny_tokenizer, other):
+        again = make_dm(tmp_path, tok, val_path=str(text_file))
+        torch.testing.assert_close(again.windows("val"), cut(stream(tok, text)))
+
+
+def test_changing_the_tokenizer_recomputes_windows(tmp_path, tiny_tokenizer, tiny_model_dir, text_file):
+    text = text_file.read_text()
+    other = with_added_token(tiny_tokenizer)
+    dm = make_dm(tmp_path, tiny_tokenizer, val_path=str(text_file))
+    torch.testing.assert_close(dm.windows("val"), cut(stream(tiny_tokenizer, text)))
+    dm.tokenizer = other
+    torch.testing.assert_close(dm.windows("val"), cut(stream(other, text)))
+    # by name: the first name is loaded once, and a new name is loaded (not the first one kept)
+    other_dir = tmp_path / "other-tokenizer"
+    other.save_pretrained(other_dir)
+    dm.tokenizer = str(tiny_model_dir)
+    torch.testing.assert_close(dm.windows("val"), cut(stream(tiny_tokenizer, text)))
+    assert dm.get_tokenizer() is dm.get_tokenizer()
+    dm.tokenizer = str(other_dir)
+    assert "quick brown" in dm.get_tokenizer().get_vocab()
+    torch.testing.assert_close(dm.windows("val"), cut(stream(other, text)))
+    # the Trainer's model's tokenizer
+    dm.tokenizer = None
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tiny_tokenizer))
+    torch.testing.assert_close(dm.windows("val"), cut(stream(tiny_tokenizer, text)))
+
+
+def test_prepare_data_fills_the_cache_that_setup_reads(tmp_path, tiny_tokenizer, text_file, monkeypatch):
+    val_text = tmp_path / "val.txt"
+    val_text.write_text("Pruning removes blocks, heads and neurons from a language model. " * 20)
+    kwargs = dict(path="/no/such/train.txt", val_path=str(val_text), test_path=str(text_file))
+    # a missing file is skipped, not raised: only the roles a stage uses must exist
+    make_dm(tmp_path, tiny_tokenizer, **kwargs).prepare_data()
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # val and test
+    monkeypatch.setattr(sources_module, "tokenize_text", no_tokenizing)
+    dm = make_dm(tmp_path, tiny_tokenizer, **kwargs)
+    dm.setup("validate")
+    dm.setup("test")
+    torch.testing.assert_close(dm.windows("test"), cut(stream(tiny_tokenizer, text_file.read_text())))
+    with pytest.raises(FileNotFoundError, match=r"`path` file '/no/such/train.txt' does not exist"):
+        dm.setup("fit")
+    monkeypatch.undo()
+    # under a Trainer, only what its stage needs is tokenized, with the model's tokenizer
+    other = with_added_token(tiny_tokenizer)
+    dm = make_dm(tmp_path, None, **kwargs)
+    dm.trainer = SimpleNamespace(
+        state=SimpleNamespace(fn=TrainerFn.VALIDATING), lightning_module=SimpleNamespace(tokenizer=other)
+    )
+    dm.prepare_data()
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+    assert len(list((tmp_path / "cache").glob("val.txt-*.pt"))) == 2
+
+
+def test_eval_loaders_score_each_window_once_across_ranks(tmp_path, tiny_tokenizer, text_file):
+    dm = make_dm(
+        tmp_path,
+        tiny_tokenizer,
+        val_path=str(text_file),
+        test_path=str(text_file),
+        max_val_windows=7,
+        batch_size=2,
+        calibration_windows=5,
+    )
+    windows = dm.windows("val")
+    seen = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        for loader in (dm.val_dataloader(), dm.test_dataloader()):
+            assert isinstance(loader.sampler, UnrepeatedDistributedSampler)
+        seen.append(torch.cat([b["input_ids"] for b in dm.val_dataloader()]))
+        torch.testing.assert_close(seen[-1], windows[rank::2])
+    assert sum(len(s) for s in seen) == 7  # none repeated
+    # calibration: the seeded sample split across ranks, or whole with distributed=False
+    dm.trainer = None
+    sample = torch.cat([b["input_ids"] for b in dm.calibration_dataloader()])
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        torch.testing.assert_close(torch.cat([b["input_ids"] for b in dm.calibration_dataloader()]), sample[rank::2])
+        torch.testing.assert_close(
+            torch.cat([b["input_ids"] for b in dm.calibration_dataloader(distributed=False)]), sample
+        )
+    # fewer windows than ranks: Lightning's sampler stays (it needs a batch on every rank), with a warning
+    few = make_dm(tmp_path, tiny_tokenizer, val_path=str(text_file), max_val_windows=1)
+    few.trainer = SimpleNamespace(world_size=2, global_rank=0)
+    with pytest.warns(UserWarning, match=r"TextDataModule: 1 val examples for 2 ranks; .* count them twice"):
+        loader = few.val_dataloader()
+    assert not isinstance(loader.sampler, UnrepeatedDistributedSampler)
+
+
+def test_ddp_validate_with_an_odd_number_of_windows(tmp_path, tiny_tokenizer, tiny_model, text_file):
+    dm = make_dm(tmp_path, tiny_tokenizer, val_path=str(text_file), max_val_windows=7, batch_size=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    (metrics,) = trainer.validate(CausalLMModule(model=tiny_model), datamodule=dm, verbose=False)
+    windows = dm.windows("val")
+    assert windows.shape[0] == 7  # 4 on rank 0, 3 on rank 1: Lightning's sampler would score window 0 twice
+    expected = perplexity(tiny_model, windows, progress=False)
+    assert metrics["val_ppl"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_tokenizer_resolution(tmp_path, tiny_tokenizer, tiny_model_dir, text_file):
@@ -212,7 +375,7 @@ def test_text_datamodule_misconfiguration(tmp_path, tiny_tokenizer, text_file, m
         ValueError, match=rf"`n`={n_windows + 1} calibration examples requested, but .* only {n_windows}"
     ):
         dm.calibration_dataloader(n=n_windows + 1)
-    with pytest.raises(ValueError, match=r"`n` must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"`n` must be an int >= 1, got 0"):
         dm.calibration_dataloader(n=0)
     with pytest.raises(ValueError, match=r"`role` must be one of \['train', 'val', 'test', 'calibration'\], got 'dev'"):
         dm.windows("dev")
@@ -228,9 +391,9 @@ def test_text_datamodule_misconfiguration(tmp_path, tiny_tokenizer, text_file, m
         make_dm(tmp_path, tiny_tokenizer, val_path=str(text_file)).train_dataloader()
     with pytest.raises(ValueError, match=r"has no test text: pass `test_path=`"):
         make_dm(tmp_path, tiny_tokenizer, path=str(text_file)).windows("test")
-    with pytest.raises(ValueError, match=r"`seq_len` must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"`seq_len` must be an int >= 1, got 0"):
         make_dm(tmp_path, tiny_tokenizer, path=str(text_file), seq_len=0)
-    with pytest.raises(ValueError, match=r"`max_val_windows` must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match=r"`max_val_windows` must be an int >= 1 or None, got 0"):
         make_dm(tmp_path, tiny_tokenizer, path=str(text_file), max_val_windows=0)
     with pytest.raises(ValueError, match=r"`num_workers` must be an int >= 0, got -1"):
         make_dm(tmp_path, tiny_tokenizer, path=str(text_file), num_workers=-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +36,34 @@ def test_latency_tiny_model(tiny_model: LlamaForCausalLM) -> None:
     }
     assert res.as_dict()["prefill_ms"] == res.prefill_ms
     assert "tok/s" in res.summary()
+
+
+def test_prefill_keeps_only_last_logits(tiny_model: LlamaForCausalLM) -> None:
+    """Prefill forwards pass `logits_to_keep=1` (as `generate` does), so they never build (B, T, V) logits."""
+    calls: list[dict[str, Any]] = []
+    logit_lens: list[int] = []
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append(dict(kwargs))
+
+    def record_out(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        logit_lens.append(out.logits.size(1))
+
+    handles = [
+        tiny_model.register_forward_pre_hook(record, with_kwargs=True),
+        tiny_model.register_forward_hook(record_out, with_kwargs=True),
+    ]
+    try:
+        latency(tiny_model, batch_sizes=(1, 2), warmup=0, prompt_len=8, new_tokens=2, repeats=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    prefills = [i for i, kw in enumerate(calls) if kw.get("past_key_values") is None]
+    assert len(prefills) == 3  # batch 1, batch 2, then the decode prompt
+    assert [calls[i]["use_cache"] for i in prefills] == [False, False, True]
+    assert all(calls[i]["logits_to_keep"] == 1 for i in prefills)
+    assert all(logit_lens[i] == 1 for i in prefills)
+    assert len(calls) == 3 + 2  # plus one forward per decoded token
 
 
 def test_latency_after_removing_a_block(tiny_model: LlamaForCausalLM) -> None:

@@ -90,6 +90,22 @@ def test_perplexity_attention_mask_without_labels_skips_padding(tiny_model: Llam
     assert res.ppl == pytest.approx(_reference_ppl(tiny_model, windows, labels), rel=1e-6)
 
 
+def test_right_padded_dict_batch_matches_unpadded_rows(tiny_model: LlamaForCausalLM) -> None:
+    """A right-padded batch with `attention_mask` and no labels scores exactly the real tokens of each row."""
+    lengths = [12, 8, 5]
+    rows = [_windows(n=1, t=n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    padded = _windows(n=3, t=12, seed=99)  # padding positions hold arbitrary ids: they must not matter
+    mask = torch.zeros_like(padded)
+    for i, row in enumerate(rows):
+        padded[i, : row.numel()] = row
+        mask[i, : row.numel()] = 1
+    batched = perplexity_details(tiny_model, [{"input_ids": padded, "attention_mask": mask}], progress=False)
+    one_by_one = perplexity_details(tiny_model, [row[None] for row in rows], progress=False)
+    assert batched.tokens == one_by_one.tokens == sum(n - 1 for n in lengths)
+    assert batched.nll == pytest.approx(one_by_one.nll, rel=1e-5)
+    assert batched.ppl == pytest.approx(one_by_one.ppl, rel=1e-5)
+
+
 def test_uniform_model_has_perplexity_vocab_size(tiny_model: LlamaForCausalLM) -> None:
     with torch.no_grad():
         tiny_model.lm_head.weight.zero_()  # every logit 0: uniform over the vocabulary
@@ -133,8 +149,10 @@ def test_perplexity_misconfiguration(tiny_model: LlamaForCausalLM) -> None:
         perplexity(tiny_model, torch.zeros(0, 12, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="empty"):
         perplexity(tiny_model, [], progress=False)
-    with pytest.raises(ValueError, match="`batch_size` must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="`batch_size` must be an int >= 1, got 0"):
         perplexity(tiny_model, _windows(), batch_size=0, progress=False)
+    with pytest.raises(ValueError, match=r"`batch_size` must be an int >= 1, got True"):
+        perplexity(tiny_model, _windows(), batch_size=True, progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="No token was scored"):
         perplexity(tiny_model, [{"input_ids": _windows(), "labels": torch.full((5, 12), -100)}], progress=False)
     with pytest.raises(ValueError, match=r"`labels` must have the shape"):
