@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+def resolve_model_source(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn a model reference into ``(name_or_path, gguf_file)`` for ``from_pretrained``.
 
     Args:
@@ -56,12 +56,12 @@ def load_model(
     afterwards is a plain checkpoint that ``AutoModelForCausalLM.from_pretrained`` reloads without the GGUF file.
 
     Args:
-        name_or_path: any reference :func:`resolve_source` accepts.
+        name_or_path: any reference :func:`resolve_model_source` accepts.
         gguf_file: GGUF file name inside the folder or hub repo.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
     """
-    source, gguf = resolve_source(name_or_path, gguf_file)
+    source, gguf = resolve_model_source(name_or_path, gguf_file)
     log.info("Loading model %s%s", source, f" (gguf_file={gguf})" if gguf else "")
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch_dtype(dtype), **kwargs)
     if gguf is not None:
@@ -76,10 +76,10 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTraine
     """Load the tokenizer that goes with :func:`load_model`'s arguments; sets pad = EOS if there is no pad token.
 
     Args:
-        name_or_path: any reference :func:`resolve_source` accepts.
+        name_or_path: any reference :func:`resolve_model_source` accepts.
         gguf_file: GGUF file name inside the folder or hub repo.
     """
-    source, gguf = resolve_source(name_or_path, gguf_file)
+    source, gguf = resolve_model_source(name_or_path, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

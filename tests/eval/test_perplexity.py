@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lit_prune.eval import ParamCount, PerplexityResult, count_params, perplexity, perplexity_details
 
@@ -164,17 +165,7 @@ def test_perplexity_misconfiguration(tiny_model: LlamaForCausalLM) -> None:
 
 
 def _small_llama(tie: bool) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(tiny_config(tie_word_embeddings=tie))
 
 
 def test_count_params_untied(tiny_model: LlamaForCausalLM) -> None:
@@ -190,7 +181,7 @@ def test_count_params_tied() -> None:
     model = _small_llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     counts = count_params(model)
-    assert counts.embedding == VOCAB * 32
+    assert counts.embedding == VOCAB * 64
     assert counts.total == sum(p.numel() for p in model.parameters())  # parameters() yields the tied weight once
-    assert counts.total == count_params(_small_llama(tie=False)).total - VOCAB * 32
-    assert counts.as_dict() == {"total": counts.total, "embedding": VOCAB * 32, "non_embedding": counts.non_embedding}
+    assert counts.total == count_params(_small_llama(tie=False)).total - VOCAB * 64
+    assert counts.as_dict() == {"total": counts.total, "embedding": VOCAB * 64, "non_embedding": counts.non_embedding}
