@@ -18,15 +18,17 @@ from jsonargparse import ActionConfigFile, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from lit_prune.callbacks.base import PruningCallback
 from lit_prune.datamodules import TextDataModule, TokenDataModule
 from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
 from lit_prune.module import CausalLMModule
+from lit_prune.plan import PruningPlan
 from lit_prune.presets import CPU_PROTOCOL
 
 log = logging.getLogger(__name__)
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
-OWN_SUBCOMMANDS = ("eval",)
+OWN_SUBCOMMANDS = ("eval", "prune")
 _NO_TEXT_HINT = (
     "Point it at text with --data.val_path FILE (.txt/.raw/.jsonl/.parquet) or an HF dataset name "
     "(--data.val_path wikitext --data.dataset_config wikitext-2-raw-v1 --data.val_split test)."
@@ -36,7 +38,8 @@ _NO_TEXT_HINT = (
 _DESCRIPTION = (
     "lit-prune: prune Hugging Face causal LMs and recover them with LoRA in one Lightning Trainer. "
     "Trainer subcommands: fit, validate, test. lit-prune subcommands: eval (parameters, perplexity, "
-    "latency table; see `lit-prune eval --help`)."
+    "latency table; see `lit-prune eval --help`) and prune (run the config's pruning callbacks without training "
+    "and save the model; `lit-prune prune --config configs/depth.yaml --output DIR`)."
 )
 
 
@@ -68,6 +71,70 @@ def trainer_cli(args: list[str] | None = None, run: bool = True) -> LitPruneCLI:
         args=args,
         run=run,
     )
+
+
+class PruneCLI(LitPruneCLI):
+    """The parser of ``lit-prune prune``: a fit config plus ``--output``."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--output", type=str, default="runs/pruned", help="Folder of the pruned model.")
+
+
+def run_prune(args: list[str]) -> list[PruningPlan]:
+    """``lit-prune prune``: apply the config's pruning callbacks once, without training, and save the result.
+
+    The model is saved with ``save_pretrained`` (plus its tokenizer) into ``--output``, with the applied plans in
+    ``pruning_plans.json``; a uniform result reloads with plain ``AutoModelForCausalLM.from_pretrained``.
+
+    Args:
+        args: command-line words after ``prune`` (``["--config", "configs/depth.yaml"]``).
+
+    Returns:
+        The applied plans, in order.
+
+    Raises:
+        SystemExit: if the config has no pruning callback in ``trainer.callbacks``.
+    """
+    cli = PruneCLI(
+        CausalLMModule,
+        TokenDataModule,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+        parser_kwargs={"description": "Prune without training: " + _DESCRIPTION},
+        args=args,
+        run=False,
+    )
+    callbacks = [cb for cb in getattr(cli.trainer, "callbacks", []) if isinstance(cb, PruningCallback)]
+    if not callbacks:
+        raise SystemExit(
+            "lit-prune prune: the config has no pruning callback under `trainer.callbacks` "
+            "(e.g. class_path: lit_prune.callbacks.DepthPruning)"
+        )
+    module: CausalLMModule = cli.model
+    data = cli.datamodule
+    if isinstance(data, TokenDataModule) and data.tokenizer is None:
+        data.tokenizer = module.tokenizer
+    module.to(cli.trainer.strategy.root_device)
+    plans = []
+    for callback in callbacks:
+        plan = callback.prune(module, callback.calibration_loader(data))
+        callback.plans.append(plan.to_dict())
+        plans.append(plan)
+    output = Path(cli.config["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    module.model.save_pretrained(output)
+    if module.tokenizer is not None:
+        module.tokenizer.save_pretrained(output)
+    (output / "pruning_plans.json").write_text(json.dumps([p.to_dict() for p in plans], indent=2))
+    first, last = plans[0], plans[-1]
+    print(
+        f"Pruned with {', '.join(p.method for p in plans)}: params {first.params_before:,} -> {last.params_after:,}; "
+        f"saved to {output} (reload: AutoModelForCausalLM.from_pretrained({str(output)!r}) or "
+        f"`lit-prune eval --model.model {output} --config ...`)"
+    )
+    return plans
 
 
 @dataclass
@@ -176,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "eval":
         run_eval(argv[1:])
+        return
+    if argv and argv[0] == "prune":
+        run_prune(argv[1:])
         return
     if argv and not argv[0].startswith("-") and argv[0] not in TRAINER_SUBCOMMANDS:
         commands = ", ".join((*TRAINER_SUBCOMMANDS, *OWN_SUBCOMMANDS))

@@ -20,6 +20,8 @@ from typing_extensions import override
 from lit_prune.functional.perplexity import labels_for, next_token_nll
 from lit_prune.loading import load_model, load_tokenizer, model_from_config
 from lit_prune.metrics import Perplexity
+from lit_prune.plan import PruningPlan
+from lit_prune.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,31 @@ class CausalLMModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
+        self.pruning_plans: list[dict[str, Any]] = []
+        """Plans applied to ``model`` so far, in order (saved in checkpoints and replayed on load)."""
+
+    def apply_plan(self, plan: PruningPlan) -> None:
+        """Apply a pruning plan to the wrapped model and remember it for checkpoints."""
+        apply_plan(self.model, plan)
+        self.pruning_plans.append(plan.to_dict())
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lit_prune_plans"] = list(self.pruning_plans)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Replay the plans a checkpoint was pruned with, so its (smaller) weights fit the model."""
+        saved = checkpoint.get("lit_prune_plans", [])
+        if saved[: len(self.pruning_plans)] != self.pruning_plans:
+            raise RuntimeError(
+                "This checkpoint was pruned along a different path than this module "
+                f"({len(saved)} plans saved, {len(self.pruning_plans)} applied here, first ones differ)."
+            )
+        for entry in saved[len(self.pruning_plans) :]:
+            self.apply_plan(PruningPlan.from_dict(entry))
+        if len(saved) > 0:
+            log.info("Replayed %d pruning plan(s) from the checkpoint before loading its weights", len(saved))
 
     @override
     def forward(self, **kwargs: Any) -> Any:

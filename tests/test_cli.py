@@ -10,7 +10,7 @@ from conftest import tiny_config
 from transformers import LlamaForCausalLM
 
 import lit_prune.module as module_mod
-from lit_prune.cli import eval_parser, main, run_eval, trainer_cli
+from lit_prune.cli import eval_parser, main, run_eval, run_prune, trainer_cli
 from lit_prune.datamodules import TextDataModule
 from lit_prune.eval import perplexity
 
@@ -139,7 +139,7 @@ def test_eval_warns_that_instruction_data_is_not_scored(tmp_path, tiny_model_dir
 
 
 def test_unknown_command():
-    with pytest.raises(SystemExit, match="unknown command 'prun'; choose one of: fit, validate, test, eval"):
+    with pytest.raises(SystemExit, match="unknown command .prun.; choose one of: fit, validate, test, eval, prune"):
         main(["prun"])
     with pytest.raises(SystemExit, match="unknown command 'predict'"):
         main(["predict"])
@@ -159,3 +159,25 @@ def test_optimizer_and_scheduler_from_yaml(tmp_path, tiny_model_dir, text_file):
     assert optimizer.param_groups[0]["momentum"] == 0.9
     assert isinstance(opts["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
     assert opts["lr_scheduler"]["interval"] == "step"
+
+
+def test_prune_subcommand_saves_a_reloadable_model(tmp_path, tiny_model_dir, text_file):
+    path = _tiny_yaml(tmp_path, tiny_model_dir, text_file, calibration_windows=4)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["callbacks"] = [
+        {"class_path": "lit_prune.callbacks.DepthPruning", "init_args": {"criterion": "bi", "num_layers": 1}}
+    ]
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "pruned"
+    (plan,) = run_prune(["--config", str(path), "--output", str(out)])
+    reloaded = LlamaForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 3
+    assert plan.params_after == sum(p.numel() for p in reloaded.parameters())
+    saved = json.loads((out / "pruning_plans.json").read_text())
+    assert saved[0]["drop_layers"] == list(plan.drop_layers)
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+
+def test_prune_subcommand_needs_a_pruning_callback(tmp_path, tiny_model_dir, text_file):
+    with pytest.raises(SystemExit, match="no pruning callback under `trainer.callbacks`"):
+        run_prune(["--config", str(_tiny_yaml(tmp_path, tiny_model_dir, text_file))])

@@ -1,0 +1,202 @@
+"""``DepthPruning``: remove whole transformer blocks chosen by a similarity criterion, inside ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lit_prune.arch import adapter_for
+from lit_prune.callbacks.base import PruningCallback
+from lit_prune.criteria.depth import DEPTH_CRITERIA, ONE_PASS, score_blocks
+from lit_prune.plan import PruningPlan
+from lit_prune.surgery import apply_plan, make_depth_plan
+
+log = logging.getLogger(__name__)
+
+DepthCriterion = Literal[
+    "bi", "angular", "angular_block", "cka", "cka_all", "cka_global", "cosine_global", "kl_global", "consensus",
+    "random", "reversed",
+]
+
+
+class DepthPruning(PruningCallback):
+    """Remove ``num_layers`` (or ``amount`` × blocks) whole blocks ranked least important by ``criterion``.
+
+    Lifecycle: ``setup`` validates the model (nothing modified on error); ``on_fit_start`` (or
+    ``on_train_epoch_start`` of ``at_epoch``) runs ONE calibration pass with forward hooks that collect every
+    statistic the criterion needs (global criteria add one pass per candidate block), reduces it across DDP ranks,
+    removes the same blocks on every rank, rebuilds the DDP wrapper and the optimizers, and writes the plan as JSON
+    next to the checkpoints. Hooks are removed even when the pass fails.
+
+    Args:
+        criterion: ``bi`` (Block Influence), ``angular`` (last token), ``angular_block`` (Gromov et al.: the
+            contiguous window of ``num_layers`` blocks), ``cka`` (1 − linear CKA of block input/output, last
+            token), ``cka_all`` (all tokens), ``cka_global`` / ``cosine_global`` / ``kl_global`` (compare the
+            final representation / next-token distribution with and without each block), ``consensus`` (Borda
+            count over ``consensus_of``), and the controls ``random`` (seeded) and ``reversed`` (of
+            ``reversed_of``).
+        num_layers: how many blocks to remove.
+        amount: or the fraction of the current blocks to remove (rounded to the nearest block).
+        protect: block indices that are never removed (e.g. ``[0, 29]`` for the first and last).
+        consensus_of: criteria aggregated by ``consensus`` (default the one-pass ones: bi, angular, cka).
+        reversed_of: the criterion that ``reversed`` negates.
+        seed: seed of ``random``.
+        at_epoch: prune at the start of this epoch; None prunes on fit start.
+        calibration: a DataLoader of calibration batches; None uses the datamodule's ``calibration_dataloader()``.
+        calibration_batches: use at most this many calibration batches.
+        verbose: 0 silent, 1 log the removed blocks, 2 also every score.
+
+    Raises:
+        MisconfigurationException: for an unknown criterion, both or neither of ``num_layers`` and ``amount``,
+            values out of range; in ``setup``: ``protect`` out of range or more blocks asked than unprotected.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[DepthPruning(criterion="consensus", num_layers=6, protect=[0])])
+        trainer.fit(CausalLMModule(model="builtin:smollm2-135m-instruct"), datamodule=TextDataModule(...))
+    """
+
+    name = "depth"
+
+    def __init__(
+        self,
+        criterion: DepthCriterion = "bi",
+        num_layers: int | None = None,
+        amount: float | None = None,
+        protect: Sequence[int] = (),
+        consensus_of: Sequence[str] = ONE_PASS,
+        reversed_of: str = "bi",
+        seed: int = 0,
+        at_epoch: int | None = None,
+        calibration: DataLoader | None = None,
+        calibration_batches: int | None = None,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__(at_epoch, calibration, calibration_batches, verbose)
+        if criterion not in DEPTH_CRITERIA:
+            raise MisconfigurationException(f"`criterion` must be one of {list(DEPTH_CRITERIA)}, got {criterion!r}")
+        for name, members in (("consensus_of", list(consensus_of)), ("reversed_of", [reversed_of])):
+            bad = [c for c in members if c not in DEPTH_CRITERIA or c in ("consensus", "reversed")]
+            if bad or not members:
+                allowed = [c for c in DEPTH_CRITERIA if c not in ("consensus", "reversed")]
+                raise MisconfigurationException(f"`{name}` must name criteria from {allowed}, got {members!r}")
+        if (num_layers is None) == (amount is None):
+            raise MisconfigurationException(
+                f"Give exactly one of `num_layers` and `amount`, got num_layers={num_layers!r}, amount={amount!r}"
+            )
+        bad_count = isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1
+        if num_layers is not None and bad_count:
+            raise MisconfigurationException(f"`num_layers` must be an int >= 1, got {num_layers!r}")
+        if amount is not None and not 0.0 < amount < 1.0:
+            raise MisconfigurationException(f"`amount` must be a fraction of the blocks in (0, 1), got {amount!r}")
+        bad_protect = [p for p in protect if isinstance(p, bool) or not isinstance(p, int) or p < 0]
+        if bad_protect:
+            raise MisconfigurationException(f"`protect` must hold block indices >= 0, got {list(protect)!r}")
+        self.criterion = criterion
+        self.num_layers = num_layers
+        self.amount = amount
+        self.protect = tuple(sorted(set(protect)))
+        self.consensus_of = tuple(consensus_of)
+        self.reversed_of = reversed_of
+        self.seed = seed
+        self.last_scores: dict[str, torch.Tensor] = {}
+        """Every score the last pruning step computed (criterion and its components), one value per block."""
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes several DepthPruning callbacks in one checkpoint."""
+        return self._generate_state_key(criterion=self.criterion, at_epoch=self.at_epoch)
+
+    def num_to_remove(self, num_blocks: int) -> int:
+        """Blocks this callback removes from a model with ``num_blocks`` blocks."""
+        if self.num_layers is not None:
+            return self.num_layers
+        assert self.amount is not None
+        return max(1, round(self.amount * num_blocks))
+
+    @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        model = _hf_model(pl_module)
+        num_blocks = adapter_for(model).num_blocks(model)
+        out_of_range = [p for p in self.protect if p >= num_blocks]
+        if out_of_range:
+            raise MisconfigurationException(
+                f"DepthPruning `protect` indices {out_of_range} are out of range: the model has {num_blocks} blocks "
+                f"(0..{num_blocks - 1})"
+            )
+        k = self.num_to_remove(num_blocks)
+        free = num_blocks - len(self.protect)
+        if k > free or k >= num_blocks:
+            raise MisconfigurationException(
+                f"DepthPruning cannot remove {k} blocks: the model has {num_blocks} blocks, {len(self.protect)} "
+                f"protected, and at least one must remain"
+            )
+
+    @override
+    def prune(self, pl_module: pl.LightningModule, calibration: DataLoader) -> PruningPlan:
+        """Score the blocks on ``calibration``, remove the lowest-scoring ones, and return the applied plan."""
+        self.check_model(pl_module)
+        model = _hf_model(pl_module)
+        num_blocks = adapter_for(model).num_blocks(model)
+        k = self.num_to_remove(num_blocks)
+        start = time.perf_counter()
+        scores = score_blocks(
+            model,
+            calibration,
+            self.criterion,
+            consensus_of=self.consensus_of,
+            reversed_of=self.reversed_of,
+            n=k,
+            seed=self.seed,
+            max_batches=self.calibration_batches,
+            progress=self.verbose > 0,
+        )
+        seconds = time.perf_counter() - start
+        self.last_scores = scores
+        plan = make_depth_plan(
+            model,
+            scores[self.criterion],
+            num_remove=k,
+            protect=self.protect,
+            method=f"depth:{self.criterion}",
+            meta={
+                "criterion": self.criterion,
+                "consensus_of": list(self.consensus_of),
+                "reversed_of": self.reversed_of,
+                "seed": self.seed,
+                "protect": list(self.protect),
+                "calibration_batches": self.calibration_batches,
+                "scoring_seconds": seconds,
+                "component_scores": {name: s.tolist() for name, s in scores.items()},
+            },
+        )
+        record = getattr(pl_module, "apply_plan", None)
+        if callable(record):
+            record(plan)  # CausalLMModule: applies and remembers the plan for checkpoint reloads
+        else:
+            apply_plan(model, plan)
+        if self.verbose:
+            rank_zero_info(
+                f"DepthPruning ({self.criterion}): removed blocks {list(plan.drop_layers)} of {num_blocks}; "
+                f"params {plan.params_before:,} -> {plan.params_after:,} "
+                f"({100 * (plan.fraction_removed or 0):.1f}% removed); scoring took {seconds:.1f} s"
+            )
+        if self.verbose > 1:
+            for name, s in scores.items():
+                rank_zero_info(f"DepthPruning scores [{name}]: " + ", ".join(f"{v:.4g}" for v in s.tolist()))
+        return plan
+
+
+def _hf_model(pl_module: pl.LightningModule) -> torch.nn.Module:
+    """The Hugging Face model a LightningModule trains (its ``.model``), or the module itself."""
+    inner = getattr(pl_module, "model", None)
+    return inner if isinstance(inner, torch.nn.Module) else pl_module

@@ -1,0 +1,483 @@
+"""Depth criteria: one score per transformer block, higher = more important (= removed last).
+
+The scores are pure functions of the reduced sums in :mod:`lit_prune.stats` (formulas: METHODS.md §2):
+
+* one pass over the calibration batches (:class:`~lit_prune.stats.DepthStats`): :func:`bi`, :func:`angular`,
+  :func:`angular_block`, :func:`cka` (last-token or all-token features);
+* one forward per candidate, prefix shared (:class:`~lit_prune.stats.GlobalStats`): :func:`cka_global`,
+  :func:`cosine_global`, :func:`kl_global`;
+* aggregation and controls: :func:`consensus` (Borda count), :func:`random_scores`, :func:`reversed_scores`.
+
+:func:`score_blocks` collects what a criterion needs (one statistics pass for all one-pass criteria, the global
+pass only when a global criterion is asked for) and returns its scores together with every component score.
+All scores are ``(L,)`` float64 tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lit_prune.arch import adapter_for
+from lit_prune.stats import (
+    Batches,
+    CKASums,
+    DepthStats,
+    GlobalStats,
+    collect_depth_statistics,
+    collect_global_statistics,
+)
+
+log = logging.getLogger(__name__)
+
+DEPTH_CRITERIA = (
+    "bi",
+    "angular",
+    "angular_block",
+    "cka",
+    "cka_all",
+    "cka_global",
+    "cosine_global",
+    "kl_global",
+    "consensus",
+    "random",
+    "reversed",
+)
+"""Every name :func:`score_blocks` accepts."""
+
+ONE_PASS = ("bi", "angular", "cka")
+"""Criteria computed from one statistics pass; the default members of :func:`consensus`."""
+
+GLOBAL_CRITERIA = ("cka_global", "cosine_global", "kl_global")
+"""Criteria that run the model once per candidate block (prefix shared)."""
+
+_MEMBERS = ("bi", "angular", "angular_block", "cka", "cka_all", *GLOBAL_CRITERIA, "random")
+"""What ``consensus`` may aggregate and ``reversed`` may negate (``reversed`` may also negate ``consensus``)."""
+_NEEDS = {"bi": "bi", "angular": "angular", "angular_block": "angular", "cka": "cka_last", "cka_all": "cka_all"}
+_GLOBAL_METRIC = {"cka_global": "cka", "cosine_global": "cosine", "kl_global": "kl"}
+
+_CONSTANT_RTOL = 1e-10
+"""A centred Gram matrix counts as zero (constant features) below this fraction of the uncentred one's norm."""
+
+
+def _require(value: Tensor | CKASums | None, need: str) -> None:
+    """Raise when the statistics lack what a criterion needs."""
+    if value is None:
+        raise ValueError(f"The statistics have no {need!r} sums; collect them with `needs` including {need!r}")
+
+
+def _mean(total: Tensor, count: Tensor, what: str) -> Tensor:
+    """``total / count``, raising when nothing was counted."""
+    if bool((count <= 0).any()):
+        raise ValueError(f"No calibration {what} behind the statistics (count {count.tolist()})")
+    return total / count
+
+
+def bi(stats: DepthStats) -> Tensor:
+    """Block Influence (ShortGPT): ``1 - mean cos(h_i, h_{i+1})`` over all non-pad tokens.
+
+    Args:
+        stats: reduced sums with ``bi``.
+
+    Returns:
+        ``(L,)`` float64; a block that changes its input little scores low.
+
+    Raises:
+        ValueError: if the statistics lack ``bi`` sums or saw no token.
+    """
+    _require(stats.bi_sum, "bi")
+    assert stats.bi_sum is not None
+    assert stats.bi_count is not None
+    return 1.0 - _mean(stats.bi_sum.to(torch.float64), stats.bi_count.to(torch.float64), "tokens")
+
+
+def _angular_distance(stats: DepthStats, n: int) -> Tensor:
+    """``d(l, n) = mean_samples arccos(cos(h_l, h_{l+n})) / π`` for ``l = 0 .. L-n`` (last token)."""
+    _require(stats.angular_sum, "angular")
+    assert stats.angular_sum is not None
+    assert stats.angular_count is not None
+    start = torch.arange(stats.num_blocks - n + 1)
+    total = stats.angular_sum[start, start + n].to(torch.float64)
+    return _mean(total, stats.angular_count[start, start + n].to(torch.float64), "samples")
+
+
+def angular(stats: DepthStats) -> Tensor:
+    """Angular distance of each block's input and output at the last token: ``mean arccos(cos(h_i, h_{i+1}))/π``.
+
+    Args:
+        stats: reduced sums with ``angular``.
+
+    Returns:
+        ``(L,)`` float64 in ``[0, 1]``.
+
+    Raises:
+        ValueError: if the statistics lack ``angular`` sums or saw no sample.
+    """
+    return _angular_distance(stats, 1)
+
+
+def angular_block(stats: DepthStats, n: int) -> Tensor:
+    """Gromov et al.: scores that make the ``n`` lowest blocks the best contiguous window ``l* .. l*+n-1``.
+
+    With ``d(l, n)`` the mean last-token angular distance between ``h_l`` and ``h_{l+n}`` and ``l* = argmin d``
+    (the first on ties), the blocks of the best window score ``d(l*, n) - 1`` (< 0), and every other block scores
+    the smallest ``d(l, n)`` over the windows that contain it (>= 0). So removing the ``n`` lowest-scoring blocks
+    removes exactly the best window; outside it, a block sitting in a good window still ranks low. ``n = 1`` gives
+    :func:`angular` except that the single best block is shifted down by 1.
+
+    Args:
+        stats: reduced sums with ``angular``.
+        n: the window length, ``1 .. L``.
+
+    Returns:
+        ``(L,)`` float64.
+
+    Raises:
+        ValueError: if ``n`` is not an int in ``1 .. L``, or the statistics lack ``angular`` sums.
+    """
+    L = stats.num_blocks
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= L:
+        raise ValueError(f"`n` must be an int in 1..{L} (the number of blocks), got {n!r}")
+    distance = _angular_distance(stats, n)  # (L - n + 1,)
+    best = int(distance.argmin())
+    scores = torch.full((L,), float("inf"), dtype=torch.float64)
+    for start, value in enumerate(distance.tolist()):
+        window = slice(start, start + n)
+        scores[window] = torch.minimum(scores[window], torch.tensor(value, dtype=torch.float64))
+    scores[best : best + n] = distance[best] - 1.0
+    return scores
+
+
+def _cka_from_sums(
+    gram_x: Tensor, gram_y: Tensor, cross: Tensor, sum_x: Tensor, sum_y: Tensor, count: Tensor
+) -> Tensor:
+    """Linear CKA from streaming sums, batched over leading dimensions (float64).
+
+    ``X̃ᵀỸ = XᵀY - n μ_x μ_yᵀ = XᵀY - (Σx)(Σy)ᵀ / n``; ``CKA = ‖X̃ᵀỸ‖²_F / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F)``. Constant features
+    (centred Gram below ``_CONSTANT_RTOL`` of the uncentred one): CKA 1 when both sides are constant, else 0.
+
+    Args:
+        gram_x: ``(..., d, d)`` ``Σ x xᵀ``.
+        gram_y: ``(..., d, d)`` ``Σ y yᵀ``.
+        cross: ``(..., d, d)`` ``Σ x yᵀ``.
+        sum_x: ``(..., d)`` ``Σ x``.
+        sum_y: ``(..., d)`` ``Σ y``.
+        count: ``(...)`` rows ``n``.
+
+    Returns:
+        ``(...)`` CKA in ``[0, 1]``.
+    """
+    gram_x, gram_y, cross, sum_x, sum_y, count = (
+        t.to(torch.float64) for t in (gram_x, gram_y, cross, sum_x, sum_y, count)
+    )
+    if bool((count <= 0).any()):
+        raise ValueError(f"No calibration rows behind the CKA sums (count {count.tolist()})")
+    n = count[..., None, None]
+    centred_x = gram_x - sum_x[..., :, None] * sum_x[..., None, :] / n  # (..., d, d)
+    centred_y = gram_y - sum_y[..., :, None] * sum_y[..., None, :] / n
+    centred_xy = cross - sum_x[..., :, None] * sum_y[..., None, :] / n
+    norm_x = torch.linalg.matrix_norm(centred_x)  # (...)
+    norm_y = torch.linalg.matrix_norm(centred_y)
+    const_x = norm_x <= _CONSTANT_RTOL * torch.linalg.matrix_norm(gram_x)
+    const_y = norm_y <= _CONSTANT_RTOL * torch.linalg.matrix_norm(gram_y)
+    value = centred_xy.pow(2).sum((-2, -1)) / (norm_x * norm_y)
+    degenerate = torch.where(const_x & const_y, 1.0, 0.0).to(torch.float64)
+    return torch.where(const_x | const_y, degenerate, value).clamp(0.0, 1.0)
+
+
+def cka(stats: DepthStats, tokens: Literal["last", "all"] = "last") -> Tensor:
+    """``1 - linear CKA(h_i, h_{i+1})`` of each block's input and output features.
+
+    Args:
+        stats: reduced sums with ``cka_last`` (``tokens="last"``) or ``cka_all`` (``tokens="all"``).
+        tokens: ``"last"``: the last non-pad token of each sample (separates blocks better on real models);
+            ``"all"``: every non-pad token.
+
+    Returns:
+        ``(L,)`` float64 in ``[0, 1]``. Where a side's features are constant over the calibration rows, CKA is 1 if
+        both are (score 0) and 0 otherwise (score 1).
+
+    Raises:
+        ValueError: if ``tokens`` is not "last" or "all", or the statistics lack the matching sums.
+    """
+    if tokens not in ("last", "all"):
+        raise ValueError(f"`tokens` must be 'last' or 'all', got {tokens!r}")
+    sums = stats.cka_last if tokens == "last" else stats.cka_all
+    _require(sums, f"cka_{tokens}")
+    assert sums is not None
+    similarity = _cka_from_sums(
+        sums.gram[:-1], sums.gram[1:], sums.cross, sums.colsum[:-1], sums.colsum[1:], sums.count
+    )
+    return 1.0 - similarity
+
+
+def _global_part(gstats: GlobalStats, value: Tensor | None, metric: str) -> Tensor:
+    """A per-candidate sum of ``gstats`` divided by the token count, raising when it was not collected."""
+    if value is None:
+        raise ValueError(f"The global statistics have no {metric!r} sums; collect them with metric {metric!r}")
+    return _mean(value.to(torch.float64), gstats.tokens.to(torch.float64), "tokens")
+
+
+def cka_global(gstats: GlobalStats) -> Tensor:
+    """Pons et al.: ``1 - CKA(R, R_{-i})`` of the final representations (last token), original vs block skipped.
+
+    Args:
+        gstats: global sums with ``cka``.
+
+    Returns:
+        ``(L,)`` float64; high when skipping the block changes the output a lot.
+
+    Raises:
+        ValueError: if the sums lack ``cka``.
+    """
+    if gstats.cka is None:
+        raise ValueError("The global statistics have no 'cka' sums; collect them with metric 'cka'")
+    c = gstats.cka
+    L = gstats.num_blocks
+    similarity = _cka_from_sums(
+        c["reference_gram"].expand(L, -1, -1),
+        c["gram"],
+        c["cross"],
+        c["reference_colsum"].expand(L, -1),
+        c["colsum"],
+        c["samples"].expand(L),
+    )
+    return 1.0 - similarity
+
+
+def cosine_global(gstats: GlobalStats) -> Tensor:
+    """``1 - mean cos(R, R_{-i})`` over non-pad tokens of the final representations.
+
+    Args:
+        gstats: global sums with ``cosine``.
+
+    Returns:
+        ``(L,)`` float64.
+
+    Raises:
+        ValueError: if the sums lack ``cosine`` or saw no token.
+    """
+    return 1.0 - _global_part(gstats, gstats.cosine_sum, "cosine")
+
+
+def kl_global(gstats: GlobalStats) -> Tensor:
+    """``mean KL(p ‖ p_{-i})`` over non-pad tokens of the next-token distributions (nats).
+
+    Args:
+        gstats: global sums with ``kl``.
+
+    Returns:
+        ``(L,)`` float64, >= 0 up to rounding.
+
+    Raises:
+        ValueError: if the sums lack ``kl`` or saw no token.
+    """
+    return _global_part(gstats, gstats.kl_sum, "kl")
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..L, lowest value first, ties sharing their average rank."""
+    below = (values[None, :] < values[:, None]).sum(1)  # (L,)
+    equal = (values[None, :] == values[:, None]).sum(1)  # (L,), includes itself
+    return below.to(torch.float64) + (equal.to(torch.float64) + 1.0) / 2.0
+
+
+def consensus(scores: Mapping[str, Tensor]) -> Tensor:
+    """Borda count over several criteria: sum of per-criterion ranks (rank 1 = least important).
+
+    Raw scores are never normalised: only each criterion's order counts, so a criterion with large values
+    does not dominate. Tied blocks share their average rank.
+
+    Args:
+        scores: criterion name -> ``(L,)`` scores (higher = more important), at least one.
+
+    Returns:
+        ``(L,)`` float64 rank sums (higher = more important).
+
+    Raises:
+        ValueError: if ``scores`` is empty, the tensors are not 1-D of one length, or a score is NaN.
+
+    Example:
+        >>> import torch
+        >>> consensus({"a": torch.tensor([0.1, 0.5, 0.3]), "b": torch.tensor([100.0, 900.0, 100.0])})
+        tensor([2.5000, 6.0000, 3.5000], dtype=torch.float64)
+    """
+    if not scores:
+        raise ValueError("`scores` must map at least one criterion name to its scores, got an empty mapping")
+    shapes = {name: tuple(value.shape) for name, value in scores.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+        raise ValueError(f"Every score must be a 1-D tensor of the same length (one per block), got {shapes}")
+    total = torch.zeros(next(iter(shapes.values())), dtype=torch.float64)
+    for name, value in scores.items():
+        if bool(torch.isnan(value).any()):
+            raise ValueError(f"Scores of {name!r} contain NaN: {value.tolist()}")
+        total += _average_ranks(value.detach().cpu().to(torch.float64))
+    return total
+
+
+def random_scores(num_blocks: int, seed: int) -> Tensor:
+    """A seeded random order of the blocks (a control: any criterion should beat it).
+
+    Args:
+        num_blocks: ``L``.
+        seed: the generator seed; the same seed gives the same scores.
+
+    Returns:
+        ``(L,)`` float64, a permutation of ``0 .. L-1``.
+
+    Raises:
+        ValueError: if ``num_blocks`` is not a positive int or ``seed`` not an int.
+    """
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"`num_blocks` must be an int >= 1, got {num_blocks!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"`seed` must be an int, got {seed!r}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_blocks, generator=generator).to(torch.float64)
+
+
+def reversed_scores(scores: Tensor) -> Tensor:
+    """The opposite order of ``scores`` (a control: removes what the criterion deems most important).
+
+    Args:
+        scores: ``(L,)`` scores.
+
+    Returns:
+        ``-scores`` as float64.
+    """
+    return -scores.to(torch.float64)
+
+
+def is_global(name: str) -> bool:
+    """Whether criterion ``name`` runs the model once per candidate block (``*_global``).
+
+    Args:
+        name: a criterion name.
+
+    Returns:
+        True for ``cka_global``, ``cosine_global`` and ``kl_global``.
+    """
+    return name in GLOBAL_CRITERIA
+
+
+def _check_criterion(name: str, argument: str, allowed: Sequence[str]) -> None:
+    if name not in allowed:
+        raise ValueError(f"`{argument}` must be one of {list(allowed)}, got {name!r}")
+
+
+def _components(criterion: str, consensus_of: Sequence[str], reversed_of: str) -> list[str]:
+    """The single criteria (never ``consensus`` or ``reversed``) that ``criterion`` is computed from, in order."""
+    _check_criterion(criterion, "criterion", DEPTH_CRITERIA)
+    if criterion == "reversed":
+        _check_criterion(reversed_of, "reversed_of", (*_MEMBERS, "consensus"))
+        return _components(reversed_of, consensus_of, reversed_of)
+    if criterion == "consensus":
+        if isinstance(consensus_of, str) or not consensus_of:
+            raise ValueError(f"`consensus_of` must be a non-empty list of {list(_MEMBERS)}, got {consensus_of!r}")
+        for member in consensus_of:
+            _check_criterion(member, "consensus_of", _MEMBERS)
+        return list(dict.fromkeys(consensus_of))
+    return [criterion]
+
+
+def needs_for(criteria: Iterable[str], *, consensus_of: Sequence[str] = ONE_PASS, reversed_of: str = "bi") -> set[str]:
+    """The :class:`~lit_prune.stats.DepthStatistics` needs of a set of criteria (global ones need none).
+
+    Args:
+        criteria: names from :data:`DEPTH_CRITERIA`.
+        consensus_of: the members ``consensus`` expands to.
+        reversed_of: the criterion ``reversed`` expands to.
+
+    Returns:
+        A subset of ``{"bi", "angular", "cka_last", "cka_all"}``.
+
+    Raises:
+        ValueError: if a name is unknown.
+
+    Example:
+        >>> sorted(needs_for(["consensus"]))
+        ['angular', 'bi', 'cka_last']
+    """
+    if isinstance(criteria, str):
+        criteria = (criteria,)
+    needs: set[str] = set()
+    for criterion in criteria:
+        needs.update(_NEEDS[c] for c in _components(criterion, consensus_of, reversed_of) if c in _NEEDS)
+    return needs
+
+
+def score_blocks(
+    model: nn.Module,
+    batches: Batches,
+    criterion: str,
+    *,
+    consensus_of: Sequence[str] = ONE_PASS,
+    reversed_of: str = "bi",
+    n: int = 1,
+    seed: int = 0,
+    max_batches: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> dict[str, Tensor]:
+    """Score every block of ``model`` with ``criterion``, collecting what it needs in as few passes as possible.
+
+    One :func:`~lit_prune.stats.collect_depth_statistics` pass serves every one-pass criterion involved, and
+    :func:`~lit_prune.stats.collect_global_statistics` runs only when a global criterion is involved. Under DDP
+    the statistics' ``compute()`` sums them over ranks, so every rank gets the same scores.
+
+    Args:
+        model: a Hugging Face causal LM (or a wrapper around one).
+        batches: calibration batches (see :func:`~lit_prune.stats.collect_depth_statistics`); when both passes
+            run, a one-shot iterator is materialised first (a DataLoader is simply iterated twice).
+        criterion: one of :data:`DEPTH_CRITERIA`.
+        consensus_of: the members of ``consensus`` (default: the one-pass criteria).
+        reversed_of: the criterion that ``reversed`` negates.
+        n: the window length of ``angular_block``.
+        seed: the seed of ``random``.
+        max_batches: use at most this many batches (None: all).
+        progress: show progress bars.
+        device: where to run; default the model's current device.
+
+    Returns:
+        ``{criterion: scores}`` plus every component score computed on the way (e.g. ``bi``, ``angular`` and
+        ``cka`` for the default ``consensus``), each ``(L,)`` float64, higher = more important.
+
+    Raises:
+        ValueError: if ``criterion``, ``consensus_of``, ``reversed_of`` or ``n`` is invalid, or the batches are.
+    """
+    components = _components(criterion, consensus_of, reversed_of)
+    num_blocks = adapter_for(model).num_blocks(model)
+    if "angular_block" in components and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= num_blocks):
+        raise ValueError(f"`n` must be an int in 1..{num_blocks} (the number of blocks), got {n!r}")
+    needs = {_NEEDS[c] for c in components if c in _NEEDS}
+    global_metrics = {_GLOBAL_METRIC[c] for c in components if c in _GLOBAL_METRIC}
+    if needs and global_metrics and not isinstance(batches, Tensor) and iter(batches) is batches:
+        batches = list(islice(batches, max_batches))
+    scores: dict[str, Tensor] = {}
+    if needs:
+        stats = collect_depth_statistics(model, batches, needs, max_batches, progress, device).compute()
+        one_pass = {
+            "bi": lambda: bi(stats),
+            "angular": lambda: angular(stats),
+            "angular_block": lambda: angular_block(stats, n),
+            "cka": lambda: cka(stats, "last"),
+            "cka_all": lambda: cka(stats, "all"),
+        }
+        scores.update({c: one_pass[c]().cpu() for c in components if c in one_pass})
+    if global_metrics:
+        gstats = collect_global_statistics(model, batches, global_metrics, max_batches, progress, device).compute()
+        per_candidate = {"cka_global": cka_global, "cosine_global": cosine_global, "kl_global": kl_global}
+        scores.update({c: per_candidate[c](gstats).cpu() for c in components if c in per_candidate})
+    if "random" in components:
+        scores["random"] = random_scores(num_blocks, seed)
+    if "consensus" in (criterion, reversed_of if criterion == "reversed" else None):
+        scores["consensus"] = consensus({c: scores[c] for c in components})
+    if criterion == "reversed":
+        scores["reversed"] = reversed_scores(scores[reversed_of])
+    log.info("Depth scores (%s): %s", criterion, {k: [round(v, 4) for v in s.tolist()] for k, s in scores.items()})
+    return scores

@@ -1,0 +1,309 @@
+"""PruningPlan: what survives pruning, with parameter counts; serialisable to JSON and replayable on a fresh model.
+
+A plan is made once (scoring is the expensive part) and applied by :mod:`lit_prune.surgery`, possibly later and on
+another copy of the same model (``lit-prune prune --plan plan.json``). Plans are plain data: indices refer to the
+model the plan was made on, and ``num_layers`` records that model's depth so a plan is never applied to a model of
+another depth.
+
+JSON compatibility: :meth:`PruningPlan.from_dict` reads missing keys as their defaults and ignores unknown keys with a
+warning, so plans written before a field existed, and plans written by a newer lit-prune, still load.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT_VERSION = 1
+"""Written to every plan's JSON as ``"version"``; bumped when the meaning of an existing field changes."""
+
+
+def _as_index(value: object) -> int | None:
+    """``value`` as a Python int if it is an integer (``int``, numpy or 0-d torch integer) and not a bool."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _check_count(name: str, value: object) -> int | None:
+    """``value`` as an int >= 0 or None; raises ``ValueError`` naming ``name`` otherwise."""
+    if value is None:
+        return None
+    as_int = _as_index(value)
+    if as_int is None or as_int < 0:
+        raise ValueError(f"`{name}` must be an int >= 0 or None, got {value!r}")
+    return as_int
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """What survives pruning: the blocks to drop, the parameter counts before and after, and how it was chosen.
+
+    The plan is frozen and validated on construction; ``drop_layers`` is normalised to a sorted tuple and ``scores``
+    to a tuple of floats, so plans compare and hash by content (``meta`` is left out of both).
+
+    Args:
+        drop_layers: indices of the blocks to remove, counted on the model the plan was made on. Non-negative,
+            unique integers; stored sorted.
+        num_layers: number of blocks of the model the plan applies to; checked when the plan is applied.
+        method: how the plan was chosen, e.g. ``"depth:bi"``.
+        params_before: all parameters before pruning (tied embeddings counted once, LoRA adapters not counted).
+        params_after: all parameters after pruning.
+        non_embedding_before: parameters outside the embedding and an untied LM head, before pruning.
+        non_embedding_after: the same after pruning.
+        scores: per-block scores the plan was chosen by (higher = more important); ``num_layers`` of them.
+        meta: free-form, JSON-serialisable provenance (criterion arguments, calibration description). Not part of
+            equality or the hash.
+
+    Raises:
+        ValueError: if ``drop_layers`` holds a non-integer, a negative index, a duplicate, an index >= ``num_layers``
+            or every block; if ``num_layers`` is not an int >= 1; if a parameter count is negative; if ``scores``
+            holds a non-number or its length differs from ``num_layers``.
+        TypeError: if ``meta`` is not a dict.
+
+    Example:
+        >>> plan = PruningPlan(drop_layers=[3, 1], num_layers=4, method="depth:bi", params_before=100, params_after=60)
+        >>> plan.drop_layers, plan.keep_layers
+        ((1, 3), (0, 2))
+        >>> plan.fraction_removed
+        0.4
+        >>> PruningPlan.from_json(plan.to_json()) == plan
+        True
+    """
+
+    drop_layers: tuple[int, ...] = ()
+    num_layers: int | None = None
+    method: str = ""
+    params_before: int | None = None
+    params_after: int | None = None
+    non_embedding_before: int | None = None
+    non_embedding_after: int | None = None
+    scores: tuple[float, ...] | None = None
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        num_layers = self.num_layers
+        if num_layers is not None:
+            as_int = _as_index(num_layers)
+            if as_int is None or as_int < 1:
+                raise ValueError(f"`num_layers` must be an int >= 1 or None, got {num_layers!r}")
+            num_layers = as_int
+            object.__setattr__(self, "num_layers", num_layers)
+
+        drop = self._checked_drop_layers(self.drop_layers, num_layers)
+        object.__setattr__(self, "drop_layers", drop)
+
+        if not isinstance(self.method, str):
+            raise ValueError(f"`method` must be a string, got {self.method!r}")
+        for name in ("params_before", "params_after", "non_embedding_before", "non_embedding_after"):
+            object.__setattr__(self, name, _check_count(name, getattr(self, name)))
+
+        if self.scores is not None:
+            object.__setattr__(self, "scores", self._checked_scores(self.scores, num_layers))
+
+        if not isinstance(self.meta, dict):
+            raise TypeError(f"`meta` must be a dict, got {type(self.meta).__name__}")
+        object.__setattr__(self, "meta", dict(self.meta))  # the caller's dict stays theirs
+
+    @staticmethod
+    def _checked_drop_layers(drop_layers: object, num_layers: int | None) -> tuple[int, ...]:
+        """``drop_layers`` as a sorted tuple of ints, or ``ValueError`` naming the bad values."""
+        if isinstance(drop_layers, (str, bytes)) or not hasattr(drop_layers, "__iter__"):
+            raise ValueError(f"`drop_layers` must be a sequence of block indices, got {drop_layers!r}")
+        values = list(drop_layers)
+        indices = [_as_index(v) for v in values]
+        bad = [v for v, i in zip(values, indices) if i is None or i < 0]
+        if bad:
+            raise ValueError(f"`drop_layers` must hold non-negative integer block indices, got {bad!r} in {values!r}")
+        ints = [i for i in indices if i is not None]
+        duplicates = sorted({i for i in ints if ints.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"`drop_layers` must not repeat an index, got {duplicates} more than once in {ints}")
+        if num_layers is not None:
+            out_of_range = sorted(i for i in ints if i >= num_layers)
+            if out_of_range:
+                raise ValueError(
+                    f"`drop_layers` must be in [0, {num_layers}) for a model with `num_layers`={num_layers}, "
+                    f"got {out_of_range}"
+                )
+            if len(ints) == num_layers:
+                raise ValueError(
+                    f"`drop_layers` must leave at least one of the {num_layers} blocks, got all of them: {sorted(ints)}"
+                )
+        return tuple(sorted(ints))
+
+    @staticmethod
+    def _checked_scores(scores: object, num_layers: int | None) -> tuple[float, ...]:
+        """``scores`` as a tuple of floats, or ``ValueError`` naming the problem."""
+        if hasattr(scores, "tolist"):  # a tensor or an array
+            scores = scores.tolist()
+        if isinstance(scores, (str, bytes)) or not hasattr(scores, "__iter__"):
+            raise ValueError(f"`scores` must be a sequence of numbers or None, got {scores!r}")
+        values = list(scores)
+        try:
+            floats = tuple(float(s) for s in values)
+        except (TypeError, ValueError):
+            raise ValueError(f"`scores` must be a sequence of numbers, got {values!r}") from None
+        if num_layers is not None and len(floats) != num_layers:
+            raise ValueError(
+                f"`scores` must hold one score per block ({num_layers} for `num_layers`={num_layers}), "
+                f"got {len(floats)}"
+            )
+        return floats
+
+    # --- derived values ----------------------------------------------------------------------------------------
+    @property
+    def keep_layers(self) -> tuple[int, ...] | None:
+        """Indices (on the original model) of the blocks that survive, or None when ``num_layers`` is unknown."""
+        if self.num_layers is None:
+            return None
+        dropped = set(self.drop_layers)
+        return tuple(i for i in range(self.num_layers) if i not in dropped)
+
+    @property
+    def num_layers_after(self) -> int | None:
+        """Number of blocks after the plan is applied, or None when ``num_layers`` is unknown."""
+        return None if self.num_layers is None else self.num_layers - len(self.drop_layers)
+
+    @staticmethod
+    def _fraction(before: int | None, after: int | None) -> float | None:
+        if before is None or after is None or before == 0:
+            return None
+        return 1.0 - after / before
+
+    @property
+    def fraction_removed(self) -> float | None:
+        """Fraction of all parameters removed (``1 - after / before``), or None when a count is unknown."""
+        return self._fraction(self.params_before, self.params_after)
+
+    @property
+    def fraction_removed_non_embedding(self) -> float | None:
+        """Fraction of non-embedding parameters removed, or None when a count is unknown."""
+        return self._fraction(self.non_embedding_before, self.non_embedding_after)
+
+    # --- serialisation -----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values: lists for tuples, a ``version`` key for the format.
+
+        Returns:
+            A new dict; changing it does not change the plan.
+        """
+        out: dict[str, Any] = {"version": PLAN_FORMAT_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = copy.deepcopy(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
+        """Build a plan from :meth:`to_dict` output, tolerating older and newer formats.
+
+        Missing keys take their defaults; unknown keys are ignored with a warning (a plan written by a newer
+        lit-prune may say more than this version can apply).
+
+        Args:
+            data: a mapping with the plan's fields (and optionally ``version``).
+
+        Returns:
+            The validated plan.
+
+        Raises:
+            TypeError: if ``data`` is not a mapping.
+            ValueError: if a field's value is invalid (see :class:`PruningPlan`).
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"A plan must be read from a mapping of its fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        version = data.get("version", PLAN_FORMAT_VERSION)
+        unknown = sorted(k for k in data if k not in known and k != "version")
+        if unknown:
+            rank_zero_warn(
+                f"Ignoring unknown PruningPlan keys {unknown} (plan format version {version!r}; this lit-prune "
+                f"reads version {PLAN_FORMAT_VERSION} with fields {sorted(known)}).",
+                category=UserWarning,
+            )
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for name in ("drop_layers", "scores"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
+        if kwargs.get("meta") is None:
+            kwargs.pop("meta", None)
+        return cls(**kwargs)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The plan as JSON text (indent 2); also written to ``path`` when one is given.
+
+        Args:
+            path: file to write (parent folders are created). None writes nothing.
+
+        Returns:
+            The JSON text.
+
+        Raises:
+            TypeError: if ``meta`` holds a value JSON cannot represent.
+        """
+        try:
+            text = json.dumps(self.to_dict(), indent=2)
+        except TypeError as err:
+            raise TypeError(f"PruningPlan `meta` must hold only JSON-serialisable values: {err}") from None
+        if path is not None:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text + "\n")
+            log.info("Wrote pruning plan (%d blocks dropped) to %s", len(self.drop_layers), target)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> PruningPlan:
+        """Read a plan from JSON text or from a file holding it.
+
+        Args:
+            text_or_path: a :class:`~pathlib.Path`, a string path, or the JSON text itself (a string whose first
+                non-blank character is ``{``).
+
+        Returns:
+            The validated plan.
+
+        Raises:
+            FileNotFoundError: if a path is given and does not exist.
+            ValueError: if the text is not valid JSON or a field's value is invalid.
+            TypeError: if the JSON is not an object.
+        """
+        if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+            text, source = text_or_path, "JSON text"
+        else:
+            path = Path(text_or_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"No pruning plan file at {str(path)!r}")
+            text, source = path.read_text(), str(path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"The pruning plan in {source} is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def __repr__(self) -> str:
+        counts = ""
+        if self.params_before is not None and self.params_after is not None:
+            counts = f", params {self.params_before:,} -> {self.params_after:,}"
+        return (
+            f"PruningPlan(drop_layers={list(self.drop_layers)}, num_layers={self.num_layers}, "
+            f"method={self.method!r}{counts})"
+        )

@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+
+from lit_prune.plan import PLAN_FORMAT_VERSION, PruningPlan
+
+
+def _plan(**overrides):
+    fields = dict(
+        drop_layers=(3, 1),
+        num_layers=6,
+        method="depth:bi",
+        params_before=1000,
+        params_after=700,
+        non_embedding_before=600,
+        non_embedding_after=300,
+        scores=(0.9, 0.1, 0.5, 0.2, 0.6, 0.8),
+        meta={"criterion": "bi", "calibration": {"windows": 8, "seq_len": 64}},
+    )
+    fields.update(overrides)
+    return PruningPlan(**fields)
+
+
+def test_normalises_and_derives():
+    plan = _plan(drop_layers=[4, torch.tensor(1)], scores=torch.tensor([1, 2, 3, 4, 5, 6]))
+    assert plan.drop_layers == (1, 4)
+    assert all(type(i) is int for i in plan.drop_layers)
+    assert plan.scores == (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    assert plan.keep_layers == (0, 2, 3, 5)
+    assert plan.num_layers_after == 4
+    assert plan.fraction_removed == pytest.approx(0.3)
+    assert plan.fraction_removed_non_embedding == pytest.approx(0.5)
+
+
+def test_defaults_and_unknowns():
+    plan = PruningPlan()
+    assert plan.drop_layers == ()
+    assert plan.keep_layers is None and plan.num_layers_after is None
+    assert plan.fraction_removed is None and plan.fraction_removed_non_embedding is None
+    assert _plan(params_before=0, params_after=0).fraction_removed is None
+    assert "drop_layers=[1, 3]" in repr(_plan()) and "1,000 -> 700" in repr(_plan())
+
+
+def test_meta_is_not_part_of_equality_or_hash_and_is_copied():
+    meta = {"criterion": "bi"}
+    a, b = _plan(meta=meta), _plan(meta={"other": 1})
+    assert a == b and hash(a) == hash(b)
+    assert a != _plan(drop_layers=(2,))
+    meta["criterion"] = "changed"
+    assert a.meta == {"criterion": "bi"}
+
+
+def test_json_round_trip_string_and_file(tmp_path):
+    plan = _plan()
+    text = plan.to_json()
+    assert json.loads(text)["version"] == PLAN_FORMAT_VERSION
+    assert json.loads(text)["drop_layers"] == [1, 3]
+    back = PruningPlan.from_json(text)
+    assert back == plan and back.meta == plan.meta
+
+    path = tmp_path / "nested" / "plan.json"
+    assert plan.to_json(path) == text
+    for source in (path, str(path)):
+        loaded = PruningPlan.from_json(source)
+        assert loaded == plan and loaded.meta == plan.meta and loaded.scores == plan.scores
+
+
+def test_to_dict_is_a_copy():
+    plan = _plan()
+    d = plan.to_dict()
+    d["meta"]["calibration"]["windows"] = 99
+    d["drop_layers"].append(5)
+    assert plan.meta["calibration"]["windows"] == 8
+    assert plan.drop_layers == (1, 3)
+
+
+def test_from_dict_reads_old_and_new_formats():
+    # an older plan: fewer keys, no version
+    old = PruningPlan.from_dict({"drop_layers": [2], "num_layers": 4})
+    assert old == PruningPlan(drop_layers=(2,), num_layers=4)
+    assert old.meta == {} and old.scores is None
+    assert PruningPlan.from_dict({"drop_layers": [2], "meta": None}).meta == {}
+    # a newer plan: unknown keys are ignored with a warning
+    newer = _plan().to_dict() | {"keep_heads": {"0": [0, 1]}, "version": PLAN_FORMAT_VERSION + 1}
+    with pytest.warns(UserWarning, match=r"Ignoring unknown PruningPlan keys \['keep_heads'\]"):
+        assert PruningPlan.from_dict(newer) == _plan()
+
+
+def test_plan_misconfiguration(tmp_path):
+    with pytest.raises(ValueError, match=r"`drop_layers` must hold non-negative integer block indices, got \[-1\]"):
+        PruningPlan(drop_layers=(-1, 2))
+    with pytest.raises(ValueError, match=r"non-negative integer block indices, got \[1.5, True\]"):
+        PruningPlan(drop_layers=(1.5, True))
+    with pytest.raises(ValueError, match="must be a sequence of block indices, got '12'"):
+        PruningPlan(drop_layers="12")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"must be a sequence of block indices, got 3"):
+        PruningPlan(drop_layers=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"must not repeat an index, got \[2\] more than once"):
+        PruningPlan(drop_layers=(2, 1, 2))
+    with pytest.raises(ValueError, match=r"must be in \[0, 4\) .* got \[4, 7\]"):
+        PruningPlan(drop_layers=(7, 1, 4), num_layers=4)
+    with pytest.raises(ValueError, match=r"must leave at least one of the 3 blocks, got all of them: \[0, 1, 2\]"):
+        PruningPlan(drop_layers=(2, 0, 1), num_layers=3)
+    with pytest.raises(ValueError, match=r"`num_layers` must be an int >= 1 or None, got 0"):
+        PruningPlan(num_layers=0)
+    with pytest.raises(ValueError, match=r"`num_layers` must be an int >= 1 or None, got True"):
+        PruningPlan(num_layers=True)
+    with pytest.raises(ValueError, match=r"`method` must be a string, got 3"):
+        PruningPlan(method=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`params_after` must be an int >= 0 or None, got -5"):
+        PruningPlan(params_after=-5)
+    with pytest.raises(ValueError, match=r"one score per block \(6 for `num_layers`=6\), got 2"):
+        _plan(scores=(0.1, 0.2))
+    with pytest.raises(ValueError, match=r"`scores` must be a sequence of numbers, got \['a'\]"):
+        PruningPlan(scores=("a",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`scores` must be a sequence of numbers or None, got 'ab'"):
+        PruningPlan(scores="ab")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`meta` must be a dict, got list"):
+        PruningPlan(meta=[1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="from a mapping of its fields, got list"):
+        PruningPlan.from_dict([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        PruningPlan.from_json("{not json")
+    with pytest.raises(FileNotFoundError, match="No pruning plan file at"):
+        PruningPlan.from_json(tmp_path / "missing.json")
+    with pytest.raises(TypeError, match="`meta` must hold only JSON-serialisable values"):
+        PruningPlan(meta={"x": object()}).to_json()
