@@ -128,10 +128,14 @@ class PruningCallback(Callback):
         rebuild_after_surgery(trainer)
         self._write_plan(trainer, plan)
         if trainer.logger is not None and trainer.is_global_zero:
-            metrics = {f"{self.name}/params_after": float(plan.params_after or 0)}
-            if plan.fraction_removed is not None:
-                metrics[f"{self.name}/fraction_removed"] = plan.fraction_removed
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+            trainer.logger.log_metrics(self.metrics_to_log(plan), step=trainer.global_step)
+
+    def metrics_to_log(self, plan: PruningPlan) -> dict[str, float]:
+        """Numbers sent to the Trainer's logger after a pruning step (subclasses add their scores)."""
+        metrics = {f"{self.name}/params_after": float(plan.params_after or 0)}
+        if plan.fraction_removed is not None:
+            metrics[f"{self.name}/fraction_removed"] = plan.fraction_removed
+        return metrics
 
     def _write_plan(self, trainer: pl.Trainer, plan: PruningPlan) -> Path | None:
         """Write the plan as JSON next to the checkpoints (rank 0 only); return the path."""

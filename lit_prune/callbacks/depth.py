@@ -142,6 +142,15 @@ class DepthPruning(PruningCallback):
             )
 
     @override
+    def metrics_to_log(self, plan: PruningPlan) -> dict[str, float]:
+        """Parameters after pruning, every block's score under every computed criterion, and the removed blocks."""
+        metrics = super().metrics_to_log(plan)
+        for name, scores in self.last_scores.items():
+            metrics.update({f"depth/score/{name}/block_{i:02d}": float(v) for i, v in enumerate(scores.tolist())})
+        metrics.update({f"depth/removed/block_{i:02d}": 1.0 for i in plan.drop_layers})
+        return metrics
+
+    @override
     def prune(self, pl_module: pl.LightningModule, calibration: DataLoader) -> PruningPlan:
         """Score the blocks on ``calibration``, remove the lowest-scoring ones, and return the applied plan."""
         self.check_model(pl_module)
@@ -190,8 +199,8 @@ class DepthPruning(PruningCallback):
                 f"params {plan.params_before:,} -> {plan.params_after:,} "
                 f"({100 * (plan.fraction_removed or 0):.1f}% removed); scoring took {seconds:.1f} s"
             )
-        if self.verbose > 1:
-            for name, s in scores.items():
+        if self.verbose:
+            for name, s in scores.items() if self.verbose > 1 else [(self.criterion, scores[self.criterion])]:
                 rank_zero_info(f"DepthPruning scores [{name}]: " + ", ".join(f"{v:.4g}" for v in s.tolist()))
         return plan
 

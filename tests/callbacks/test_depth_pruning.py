@@ -182,3 +182,21 @@ def test_saved_pruned_model_reloads_with_plain_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=x).logits, module.model.eval()(input_ids=x).logits)
     assert Path(tmp_path / "out" / "config.json").is_file()
+
+
+def test_scores_and_removed_blocks_reach_the_logger(tmp_path, caplog):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = CausalLMModule(model=_model())
+    callback = DepthPruning(criterion="consensus", num_layers=2, calibration=_loader(), verbose=2)
+    logger = CSVLogger(tmp_path / "logs")
+    with caplog.at_level("INFO"):
+        _trainer(tmp_path, [callback], logger=logger).fit(module, train_dataloaders=_loader())
+    logger.save()
+    header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("bi", "angular", "cka", "consensus"):
+        assert f"depth/score/{name}/block_00" in header and f"depth/score/{name}/block_05" in header
+    assert "depth/removed/block_01" in header and "depth/removed/block_04" in header
+    assert "depth/fraction_removed" in header
+    assert "DepthPruning (consensus): removed blocks [1, 4] of 6" in caplog.text
+    assert "DepthPruning scores [bi]:" in caplog.text

@@ -1,0 +1,330 @@
+"""One-pass block statistics (Block Influence, angular distance, linear CKA), gathered by hooks on every block.
+
+:class:`DepthStatistics` holds sufficient statistics (sums, Gram matrices, counts), all float64 and reduced with
+``dist_reduce_fx="sum"``, so ranks that saw different batches reduce to the same numbers and memory does not
+depend on the number of calibration tokens. Boundaries are numbered ``h_0 .. h_L``: ``h_i`` enters block ``i`` and
+``h_L`` leaves the last block (before the final norm). The criteria live in :mod:`lit_prune.criteria.depth`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+from tqdm.auto import tqdm
+
+from lit_prune._validation import check_int
+from lit_prune.arch import adapter_for
+from lit_prune.eval._common import evaluating
+from lit_prune.stats._common import (
+    _F64,
+    Batches,
+    CKASums,
+    _as_inputs,
+    _block_input,
+    _block_output,
+    _check_mask,
+    _check_names,
+    _iterate,
+    _last_tokens,
+    _ReadOnly,
+    _tokens,
+)
+from lit_prune.stats.hooks import Hooks
+
+log = logging.getLogger(__name__)
+
+DEPTH_NEEDS = ("angular", "bi", "cka_all", "cka_last")
+"""What a :class:`DepthStatistics` can collect."""
+
+
+class DepthStats(_ReadOnly):
+    """The reduced sums of a :class:`DepthStatistics` (what the depth criteria read). Absent needs are None.
+
+    Args:
+        num_blocks: ``L``.
+        hidden_size: ``d``.
+        bi_sum: ``(L,)``, Σ over non-pad tokens of ``cos(h_i, h_{i+1})``.
+        bi_count: ``(L,)``, the tokens behind ``bi_sum``.
+        angular_sum: ``(L+1, L+1)``, entry ``[i, j]`` (``i < j``): Σ over samples of ``arccos(cos(h_i, h_j)) / π``
+            at the last non-pad token; zero on and below the diagonal.
+        angular_count: ``(L+1, L+1)``, the samples behind each entry of ``angular_sum``.
+        cka_last: CKA sums over the last non-pad token of each sample.
+        cka_all: CKA sums over every non-pad token.
+    """
+
+    __slots__ = (
+        "num_blocks",
+        "hidden_size",
+        "bi_sum",
+        "bi_count",
+        "angular_sum",
+        "angular_count",
+        "cka_last",
+        "cka_all",
+    )
+    num_blocks: int
+    hidden_size: int
+    bi_sum: Tensor | None
+    bi_count: Tensor | None
+    angular_sum: Tensor | None
+    angular_count: Tensor | None
+    cka_last: CKASums | None
+    cka_all: CKASums | None
+
+    def __init__(
+        self,
+        num_blocks: int,
+        hidden_size: int,
+        bi_sum: Tensor | None = None,
+        bi_count: Tensor | None = None,
+        angular_sum: Tensor | None = None,
+        angular_count: Tensor | None = None,
+        cka_last: CKASums | None = None,
+        cka_all: CKASums | None = None,
+    ) -> None:
+        self._set(
+            num_blocks=num_blocks,
+            hidden_size=hidden_size,
+            bi_sum=bi_sum,
+            bi_count=bi_count,
+            angular_sum=angular_sum,
+            angular_count=angular_count,
+            cka_last=cka_last,
+            cka_all=cka_all,
+        )
+
+
+
+class DepthStatistics(Metric):
+    """Per-block statistics of a decoder's block inputs and outputs, streamed over calibration batches.
+
+    Only the states that ``needs`` asks for are allocated (``L`` blocks, width ``d``, float64):
+
+    * ``bi``: ``bi_sum``/``bi_count`` ``(L,)``: Σ over non-pad tokens of ``cos(h_i, h_{i+1})`` and the token count.
+      The cosine is computed in float32 (per token, from the hidden states cast to float32) and summed in float64.
+    * ``angular``: ``angular_sum``/``angular_count`` ``(L+1, L+1)``: Σ over samples of ``arccos(cos(h_i, h_j))/π``
+      at the last non-pad token for every boundary pair ``i < j`` (float64), serving the one-block angular
+      distance (``j = i + 1``) and the n-block variant of Gromov et al. (``j = i + n``).
+    * ``cka_last`` / ``cka_all``: ``cka_{last,all}_gram`` ``(L+1, d, d)``, ``_cross`` ``(L, d, d)``, ``_colsum``
+      ``(L+1, d)``, ``_count`` ``(L,)``: linear-CKA sums over the last non-pad token of each sample / over every
+      non-pad token, accumulated in float64. Each takes ``(2L + 1) d² · 8`` bytes (162 MB for SmolLM2-135M).
+
+    Memory does not depend on the number of calibration tokens. Per batch, :meth:`update` is called once per
+    block in order ``0 .. L-1`` (the forward hooks of :func:`collect_depth_statistics` do that); the angular pairs
+    need the last-token rows ``(B, d)`` of the boundaries seen so far in the batch, kept until the next batch.
+
+    Args:
+        num_blocks: ``L``.
+        hidden_size: ``d``.
+        needs: a non-empty subset of ``{"bi", "angular", "cka_last", "cka_all"}``.
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
+
+    Raises:
+        ValueError: if ``num_blocks`` or ``hidden_size`` is not a positive int, or ``needs`` is empty or names
+            something unknown.
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    bi_sum: Tensor
+    bi_count: Tensor
+    angular_sum: Tensor
+    angular_count: Tensor
+
+    def __init__(self, num_blocks: int, hidden_size: int, needs: Iterable[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_int("num_blocks", num_blocks)
+        check_int("hidden_size", hidden_size)
+        self.needs = _check_names("needs", needs, DEPTH_NEEDS)
+        self.num_blocks, self.hidden_size = num_blocks, hidden_size
+        L, d = num_blocks, hidden_size
+        if "bi" in self.needs:
+            self.add_state("bi_sum", torch.zeros(L, dtype=_F64), dist_reduce_fx="sum")
+            self.add_state("bi_count", torch.zeros(L, dtype=_F64), dist_reduce_fx="sum")
+        if "angular" in self.needs:
+            self.add_state("angular_sum", torch.zeros(L + 1, L + 1, dtype=_F64), dist_reduce_fx="sum")
+            self.add_state("angular_count", torch.zeros(L + 1, L + 1, dtype=_F64), dist_reduce_fx="sum")
+        for kind in ("last", "all"):
+            if f"cka_{kind}" in self.needs:
+                self.add_state(f"cka_{kind}_gram", torch.zeros(L + 1, d, d, dtype=_F64), dist_reduce_fx="sum")
+                self.add_state(f"cka_{kind}_cross", torch.zeros(L, d, d, dtype=_F64), dist_reduce_fx="sum")
+                self.add_state(f"cka_{kind}_colsum", torch.zeros(L + 1, d, dtype=_F64), dist_reduce_fx="sum")
+                self.add_state(f"cka_{kind}_count", torch.zeros(L, dtype=_F64), dist_reduce_fx="sum")
+        self._angular_rows: list[Tensor] = []  # unit last-token rows (B', d) of h_0 .. h_b in the current batch
+        self._next_block = 0
+
+    def reset(self) -> None:
+        """Zero every state and forget the rows of a batch in progress."""
+        super().reset()
+        self._angular_rows = []
+        self._next_block = 0
+
+    def update(  # type: ignore[override]
+        self, block: int, x_in: Tensor, x_out: Tensor, attention_mask: Tensor | None = None
+    ) -> None:
+        """Add one block's input and output for one batch.
+
+        Args:
+            block: the block index; per batch, call for ``0, 1, .., L-1`` in order.
+            x_in: ``(B, T, d)`` hidden states entering the block.
+            x_out: ``(B, T, d)`` hidden states leaving it.
+            attention_mask: ``(B, T)``, 1 on tokens and 0 on padding (left or right); None: no padding.
+
+        Raises:
+            ValueError: if ``block`` is out of range or out of order, the shapes disagree, or the width is not
+                ``hidden_size``.
+        """
+        if not 0 <= block < self.num_blocks or block not in (0, self._next_block):
+            raise ValueError(
+                f"`block` must be updated in order 0..{self.num_blocks - 1} within a batch: expected 0 or "
+                f"{self._next_block}, got {block}"
+            )
+        if x_in.dim() != 3 or x_in.shape != x_out.shape or x_in.size(-1) != self.hidden_size:
+            raise ValueError(
+                f"`x_in` and `x_out` must both be (batch, seq_len, hidden_size={self.hidden_size}), "
+                f"got {tuple(x_in.shape)} and {tuple(x_out.shape)}"
+            )
+        _check_mask(attention_mask, x_in)
+        self._next_block = block + 1
+        device = self.device
+        x_in, x_out = x_in.to(device), x_out.to(device)
+        mask = None if attention_mask is None else attention_mask.to(device)
+        if "bi" in self.needs:
+            cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # (B, T), float32
+            if mask is not None:  # where, not a product: padded positions may hold NaN
+                cos = torch.where(mask.bool(), cos, 0.0)
+            self.bi_sum[block] += cos.sum(dtype=_F64)
+            self.bi_count[block] += cos.numel() if mask is None else mask.bool().sum()
+        if self.needs & {"angular", "cka_last"}:
+            rows, positions = _last_tokens(mask, x_in.size(0), x_in.size(1), device)
+            last_in = x_in[rows, positions].to(_F64)  # (B', d)
+            last_out = x_out[rows, positions].to(_F64)  # (B', d)
+            if "angular" in self.needs:
+                self._update_angular(block, last_in, last_out)
+            if "cka_last" in self.needs:
+                self._update_cka("last", block, last_in, last_out)
+        if "cka_all" in self.needs:
+            self._update_cka("all", block, _tokens(x_in, mask).to(_F64), _tokens(x_out, mask).to(_F64))
+
+    def _update_angular(self, block: int, last_in: Tensor, last_out: Tensor) -> None:
+        """Angular distances between ``h_{block+1}`` and every earlier boundary of this batch (last tokens)."""
+        if block == 0:
+            self._angular_rows = [F.normalize(last_in, dim=-1)]
+        new = F.normalize(last_out, dim=-1)  # (B', d)
+        earlier = torch.stack(self._angular_rows)  # (block+1, B', d)
+        cos = (earlier * new).sum(-1).clamp(-1.0, 1.0)  # (block+1, B')
+        self.angular_sum[: block + 1, block + 1] += torch.arccos(cos).sum(-1) / torch.pi
+        self.angular_count[: block + 1, block + 1] += new.size(0)
+        self._angular_rows.append(new)
+        if block == self.num_blocks - 1:
+            self._angular_rows = []
+
+    def _update_cka(self, kind: str, block: int, x: Tensor, y: Tensor) -> None:
+        """Add ``(N, d)`` float64 rows of a block's input ``x`` and output ``y`` to the CKA sums."""
+        gram, cross = getattr(self, f"cka_{kind}_gram"), getattr(self, f"cka_{kind}_cross")
+        colsum, count = getattr(self, f"cka_{kind}_colsum"), getattr(self, f"cka_{kind}_count")
+        if block == 0:  # later boundaries h_{i+1} arrive as block outputs
+            gram[0].addmm_(x.T, x)
+            colsum[0] += x.sum(0)
+        gram[block + 1].addmm_(y.T, y)  # (d, d)
+        cross[block].addmm_(x.T, y)  # (d, d)
+        colsum[block + 1] += y.sum(0)
+        count[block] += x.size(0)
+
+    def compute(self) -> DepthStats:
+        """The reduced sums (summed over ranks when ``torch.distributed`` is initialized), as copies."""
+
+        def state(name: str) -> Tensor | None:
+            value = getattr(self, name, None)
+            return value.clone() if isinstance(value, Tensor) else None
+
+        def cka(kind: str) -> CKASums | None:
+            if f"cka_{kind}" not in self.needs:
+                return None
+            parts = {part: state(f"cka_{kind}_{part}") for part in ("gram", "cross", "colsum", "count")}
+            return CKASums(**parts)  # type: ignore[arg-type]
+
+        return DepthStats(
+            self.num_blocks,
+            self.hidden_size,
+            bi_sum=state("bi_sum"),
+            bi_count=state("bi_count"),
+            angular_sum=state("angular_sum"),
+            angular_count=state("angular_count"),
+            cka_last=cka("last"),
+            cka_all=cka("all"),
+        )
+
+
+
+def collect_depth_statistics(
+    model: nn.Module,
+    batches: Batches,
+    needs: Iterable[str],
+    max_batches: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> DepthStatistics:
+    """One pass of the decoder stack over calibration batches, filling a :class:`DepthStatistics` from hooks.
+
+    Only the decoder runs (no LM head). A forward hook on every block updates the statistics as the block
+    finishes, so no batch keeps its ``L`` hidden states alive (the angular pairs keep the last-token rows
+    ``(B, d)`` of each boundary). Runs under ``torch.no_grad()`` in eval mode; every module's mode is restored and
+    the hooks are removed afterwards, also when the forward raises.
+
+    Args:
+        model: a Hugging Face causal LM (or a wrapper around one) whose family has an adapter.
+        batches: an iterable (e.g. a DataLoader) of LongTensors ``(B, T)`` or of dicts with ``input_ids`` and
+            optional ``attention_mask`` (left or right padding); a single 2-D tensor is one batch.
+        needs: what to collect, a non-empty subset of ``{"bi", "angular", "cka_last", "cka_all"}``.
+        max_batches: stop after this many batches (None: all).
+        progress: show a tqdm progress bar.
+        device: where to run; default the model's current device (the statistics live there too).
+
+    Returns:
+        The filled metric; ``.compute()`` gives the :class:`DepthStats` (summed over ranks under DDP).
+
+    Raises:
+        ValueError: if ``needs`` is invalid, ``max_batches`` is not a positive int or None, a batch is malformed,
+            or there is no batch.
+        TypeError: if a batch is neither a tensor nor a dict with ``input_ids``.
+    """
+    check_int("max_batches", max_batches, allow_none=True)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    metric = DepthStatistics(len(blocks), adapter.hidden_size(model), needs)
+    items, total = _iterate(batches, max_batches)
+    current: dict[str, Tensor | None] = {"attention_mask": None}
+
+    def block_hook(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            metric.update(index, _block_input(args, kwargs), _block_output(output), current["attention_mask"])
+
+        return hook
+
+    seen = 0
+    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
+        metric.to(target)
+        decoder = adapter.decoder(hf_model)
+        for index, block in enumerate(blocks):
+            hooks.forward(block, block_hook(index))
+        for item in tqdm(items, total=total, desc="depth statistics", disable=not progress, leave=False):
+            ids, mask = _as_inputs(item)
+            ids = ids.to(target)
+            current["attention_mask"] = None if mask is None else mask.to(target)
+            decoder(input_ids=ids, attention_mask=current["attention_mask"], use_cache=False)
+            seen += 1
+    if seen == 0:
+        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
+    log.debug("Depth statistics %s over %d batches of %d blocks", sorted(metric.needs), seen, len(blocks))
+    return metric
+
+
