@@ -1,7 +1,8 @@
 """Depth pruning on SmolLM2-135M-Instruct under the CPU protocol: every criterion at 3, 6 and 9 removed blocks.
 
 Prints, per criterion and k: WikiText-2 test PPL (first 32 windows of 256 tokens), parameters removed (% of all
-and of non-embedding), prefill latency ratio to dense at batch 1 and 8; then the cost of the one-pass scoring
+and of non-embedding), prefill latency ratio to dense at batch 1 and 8 (128-token prompts; dense and pruned timed
+alternately, 3 rounds of 3 repeats, median ratio); then the cost of the one-pass scoring
 (all one-pass criteria together) as a ratio to a plain forward over the same calibration batches, the memory of
 the statistics at 16 vs 64 calibration windows, and the issue's targets with met / NOT met.
 
@@ -21,7 +22,7 @@ import time
 import torch
 
 from lit_prune import CPU_PROTOCOL, adapter_for
-from lit_prune.criteria.depth import ONE_PASS, needs_for, score_blocks
+from lit_prune.criteria.depth import ONE_PASS, consensus, needs_for, score_blocks
 from lit_prune.datamodules import TextDataModule
 from lit_prune.eval import latency, perplexity
 from lit_prune.loading import load_model, load_tokenizer
@@ -44,6 +45,18 @@ def plain_forward_seconds(model: torch.nn.Module, loader) -> float:
         for batch in loader:
             model(input_ids=batch["input_ids"], use_cache=False)
     return time.perf_counter() - start
+
+
+def prefill_ratios(dense: torch.nn.Module, pruned: torch.nn.Module, rounds: int = 3) -> dict[int, float]:
+    """Median over ``rounds`` of pruned/dense prefill latency, dense and pruned measured alternately."""
+    ratios: dict[int, list[float]] = {1: [], 8: []}
+    kwargs = {"prompt_len": CPU_PROTOCOL.latency_prompt_len, "batch_sizes": (1, 8), "new_tokens": 1, "repeats": 3}
+    for _ in range(rounds):
+        d = latency(dense, **kwargs)
+        p = latency(pruned, **kwargs)
+        for b in ratios:
+            ratios[b].append(p.prefill_ms[b] / d.prefill_ms[b])
+    return {b: statistics.median(r) for b, r in ratios.items()}
 
 
 def main() -> None:
@@ -97,6 +110,7 @@ def main() -> None:
         scores["consensus_global"] = glob["consensus"]
         timings["global pass (3 criteria)"] = time.perf_counter() - start
     scores.update(score_blocks(model, calib, "cka_all", progress=False))
+    scores["consensus+cka_all"] = consensus({c: scores[c] for c in ("bi", "angular", "cka", "cka_all")})
     scores["reversed"] = -scores["bi"]
 
     dense_ppl = perplexity(model, windows, progress=False)
@@ -113,7 +127,8 @@ def main() -> None:
     for k in args.ks:
         lat_ratio = None
         per_k: dict[str, float] = {}
-        names = [*singles, "consensus", *(["consensus_global"] if "consensus_global" in scores else []), *CONTROLS]
+        names = [*singles, "consensus", "consensus+cka_all",
+                 *(["consensus_global"] if "consensus_global" in scores else []), *CONTROLS]
         names += [f"random:{s}" for s in RANDOM_SEEDS]
         for name in names:
             if name.startswith("random:"):
@@ -128,8 +143,7 @@ def main() -> None:
             ppl = perplexity(pruned, windows, progress=False)
             per_k[name] = ppl
             if lat_ratio is None:  # the architecture (and so the speed) is the same for every criterion at this k
-                lat = latency(pruned, **lat_kwargs)
-                lat_ratio = {b: lat.prefill_ms[b] / dense_lat.prefill_ms[b] for b in (1, 8)}
+                lat_ratio = prefill_ratios(model, pruned)
             frac_all = 1 - ad.total_params(pruned) / dense_total
             frac_non = 1 - ad.non_embedding_params(pruned) / dense_nonemb
             print(f"| {k} | {name} | {ppl:.2f} | {100 * frac_all:.1f}% | {100 * frac_non:.1f}% | "
