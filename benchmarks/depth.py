@@ -63,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 6, 9])
     parser.add_argument("--quick", action="store_true", help="8 eval windows, no global criteria (smoke run)")
+    parser.add_argument("--cost-only", action="store_true", help="only the scoring cost and statistics memory")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     proto = CPU_PROTOCOL
@@ -83,19 +84,31 @@ def main() -> None:
 
     # --- cost of the one-pass scoring vs a plain forward, same batches (interleaved, median of 3) ---
     needs = needs_for(ONE_PASS)
-    plain, scoring = [], []
+    every_need = needs_for(("bi", "angular", "cka", "cka_all"))
+    plain, scoring, scoring_all = [], [], []
     for _ in range(3):
         plain.append(plain_forward_seconds(model, calib))
         start = time.perf_counter()
         collect_depth_statistics(model, calib, needs, progress=False)
         scoring.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        collect_depth_statistics(model, calib, every_need, progress=False)
+        scoring_all.append(time.perf_counter() - start)
     cost_ratio = statistics.median(scoring) / statistics.median(plain)
+    cost_ratio_all = statistics.median(scoring_all) / statistics.median(plain)
+    print(f"scoring cost / plain forward ({statistics.median(plain):.2f} s): bi+angular+cka {cost_ratio:.2f}x, "
+          f"every one-pass statistic (+cka_all) {cost_ratio_all:.2f}x "
+          f"({'met' if max(cost_ratio, cost_ratio_all) <= 1.3 else 'NOT met'} <= 1.3x)")
 
     # --- statistics memory at 16 vs 64 windows ---
     mem = {}
     for n in (16, 64):
         loader = data.calibration_dataloader(n=n)
-        mem[n] = state_bytes(collect_depth_statistics(model, loader, needs, progress=False))
+        mem[n] = state_bytes(collect_depth_statistics(model, loader, every_need, progress=False))
+    print(f"statistics memory (every one-pass statistic): {mem[16] / 2**20:.1f} MiB at 16 windows, "
+          f"{mem[64] / 2**20:.1f} MiB at 64 ({'met' if mem[16] == mem[64] else 'NOT met'})")
+    if args.cost_only:
+        return
 
     # --- scores: one pass for the one-pass criteria + consensus, one global pass (scores do not depend on k,
     #     except angular_block, whose window is k) ---
