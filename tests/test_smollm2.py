@@ -58,3 +58,27 @@ def test_validate_and_perplexity_agree_under_the_cpu_protocol(smollm2, tmp_path)
     ppl = perplexity(smollm2.model, data.windows("val"), progress=False)
     assert metrics["val_ppl"] == pytest.approx(ppl, rel=1e-4)
     assert 10 < ppl < 100  # a working 135M model on WikiText-2 (dense, 256-token windows)
+
+
+def test_depth_pruning_on_the_real_model(tmp_path):
+    """Bi on 8 calibration windows removes 3 blocks; the result keeps working and reloads with plain transformers."""
+    from lit_prune.callbacks import DepthPruning
+
+    eval_path = CPU_PROTOCOL.eval_path()
+    if eval_path is None or not eval_path.is_file():
+        pytest.skip("WikiText-2 not found in the shared data folder")
+    module = CausalLMModule(model=CPU_PROTOCOL.model)
+    data = TextDataModule(tokenizer=module.tokenizer, val_path=str(eval_path),
+                          calibration_path=str(CPU_PROTOCOL.calibration_path()), seq_len=256, max_val_windows=4,
+                          calibration_windows=8, cache_dir=str(tmp_path / "cache"))
+    dense = perplexity(module.model, data.windows("val"), progress=False)
+    plan = DepthPruning(criterion="bi", num_layers=3, verbose=0).prune(module, data.calibration_dataloader())
+    assert len(plan.drop_layers) == 3 and 0 not in plan.drop_layers
+    assert module.model.config.num_hidden_layers == 27
+    pruned = perplexity(module.model, data.windows("val"), progress=False)
+    assert dense < pruned < 3 * dense
+    module.model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = data.windows("val")[:1, :32]
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
