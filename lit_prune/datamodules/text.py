@@ -178,7 +178,7 @@ class TextDataModule(TokenDataModule):
         else:
             self._sources["calibration"] = source(val_path, "val_path", calibration_split or val_split)
         # Memos, valid for the tokenizer in `_memo_tokenizer` only (`_reset_memos` clears them when it changes).
-        self._windows: dict[str, torch.Tensor] = {}
+        self._windows: dict[tuple[str, int, int | None, int | None], torch.Tensor] = {}
         self._streams: dict[tuple[str, str | None, str], torch.Tensor] = {}
 
     @override
@@ -213,9 +213,11 @@ class TextDataModule(TokenDataModule):
         if isinstance(source, FileNotFoundError):
             raise source
         tokenizer = self._current_tokenizer()  # clears the memos if the tokenizer changed
-        if role not in self._windows:
-            self._windows[role] = self._cut(role, source, tokenizer)
-        return self._windows[role]
+        # keyed by what the cut depends on, so changing seq_len or a window limit after a first use re-cuts
+        key = (role, self.seq_len, self.max_train_windows, self.max_val_windows)
+        if key not in self._windows:
+            self._windows[key] = self._cut(role, source, tokenizer)
+        return self._windows[key]
 
     def _check_role(self, role: str) -> None:
         if role not in ROLES:

@@ -124,9 +124,9 @@ def test_max_windows_keep_the_first_ones(tmp_path, tiny_tokenizer, text_file):
 def test_setup_tokenizes_only_what_the_stage_needs(tmp_path, tiny_tokenizer, text_file):
     dm = make_dm(tmp_path, tiny_tokenizer, path=str(text_file), val_path=str(text_file), test_path=str(text_file))
     dm.setup("validate")
-    assert set(dm._windows) == {"val"}
+    assert {key[0] for key in dm._windows} == {"val"}
     dm.setup("test")
-    assert set(dm._windows) == {"val", "test"}
+    assert {key[0] for key in dm._windows} == {"val", "test"}
 
 
 def test_train_shuffle_is_seeded(tmp_path, tiny_tokenizer, text_file):
@@ -458,3 +458,15 @@ def test_wikitext2_protocol_with_the_real_tokenizer(tmp_path):
     assert calibration.shape == (32, 256)
     assert dm.windows("calibration").shape == (1042, 256)
     assert torch.equal(calibration, torch.cat([b["input_ids"] for b in dm.calibration_dataloader(n=32, seed=0)]))
+
+
+def test_changing_seq_len_or_limits_after_first_use_recuts(tmp_path, tiny_tokenizer, text_file):
+    dm = TextDataModule(tokenizer=tiny_tokenizer, val_path=str(text_file), seq_len=16, max_val_windows=4,
+                        cache_dir=str(tmp_path))
+    assert tuple(dm.windows("val").shape) == (4, 16)
+    dm.seq_len = 8
+    assert tuple(dm.windows("val").shape) == (4, 8)
+    dm.max_val_windows = 2
+    assert tuple(dm.windows("val").shape) == (2, 8)
+    stream = tiny_tokenizer(text_file.read_text(), add_special_tokens=False)["input_ids"]
+    assert dm.windows("val").flatten().tolist() == stream[:16]
