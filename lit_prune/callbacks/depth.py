@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lit_prune.arch import adapter_for
+from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback
 from lit_prune.criteria.depth import DEPTH_CRITERIA, ONE_PASS, score_blocks
 from lit_prune.plan import PruningPlan
@@ -125,7 +125,7 @@ class DepthPruning(PruningCallback):
 
     @override
     def check_model(self, pl_module: pl.LightningModule) -> None:
-        model = _hf_model(pl_module)
+        model = unwrap(pl_module)
         num_blocks = adapter_for(model).num_blocks(model)
         out_of_range = [p for p in self.protect if p >= num_blocks]
         if out_of_range:
@@ -154,7 +154,7 @@ class DepthPruning(PruningCallback):
     def prune(self, pl_module: pl.LightningModule, calibration: DataLoader) -> PruningPlan:
         """Score the blocks on ``calibration``, remove the lowest-scoring ones, and return the applied plan."""
         self.check_model(pl_module)
-        model = _hf_model(pl_module)
+        model = unwrap(pl_module)
         num_blocks = adapter_for(model).num_blocks(model)
         k = self.num_to_remove(num_blocks)
         start = time.perf_counter()
@@ -204,8 +204,3 @@ class DepthPruning(PruningCallback):
                 rank_zero_info(f"DepthPruning scores [{name}]: " + ", ".join(f"{v:.4g}" for v in s.tolist()))
         return plan
 
-
-def _hf_model(pl_module: pl.LightningModule) -> torch.nn.Module:
-    """The Hugging Face model a LightningModule trains (its ``.model``), or the module itself."""
-    inner = getattr(pl_module, "model", None)
-    return inner if isinstance(inner, torch.nn.Module) else pl_module
