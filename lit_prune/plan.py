@@ -2,8 +2,11 @@
 
 A plan is made once (scoring is the expensive part) and applied by :mod:`lit_prune.surgery`, possibly later and on
 another copy of the same model (``lit-prune prune --plan plan.json``). Plans are plain data: indices refer to the
-model the plan was made on, and ``num_layers`` records that model's depth so a plan is never applied to a model of
-another depth.
+model the plan was made on, and ``num_layers`` records that model's depth (``heads_before`` / ``neurons_before`` its
+widths) so a plan is never applied to a model of another shape.
+
+A plan says what survives in two ways, applied in this order: ``keep_heads`` / ``keep_neurons`` (width: the query
+heads and MLP neurons each listed block keeps; unlisted blocks keep everything) and then ``drop_layers`` (depth).
 
 JSON compatibility: :meth:`PruningPlan.from_dict` reads missing keys as their defaults and ignores unknown keys with a
 warning, so plans written before a field existed, and plans written by a newer lit-prune, still load.
@@ -38,6 +41,62 @@ def _as_index(value: object) -> int | None:
         return None
 
 
+def _checked_keep(
+    name: str, keep: object, num_layers: int | None, widths: tuple[int, ...] | None, drop_layers: tuple[int, ...]
+) -> dict[int, tuple[int, ...]] | None:
+    """``keep`` as ``{block: sorted kept indices}``, or ``ValueError`` naming the bad block or index.
+
+    Keys may be ints or their strings (JSON object keys); every block keeps at least one index; indices are unique,
+    non-negative and below ``widths[block]`` when the widths are known; a block in ``drop_layers`` is not listed.
+    """
+    if keep is None:
+        return None
+    if not isinstance(keep, Mapping):
+        raise ValueError(f"`{name}` must map block index -> kept indices, got {type(keep).__name__}")
+    out: dict[int, tuple[int, ...]] = {}
+    for key, values in keep.items():
+        block = _as_index(int(key) if isinstance(key, str) and key.strip().isdigit() else key)
+        if block is None or block < 0 or (num_layers is not None and block >= num_layers):
+            limit = f"[0, {num_layers})" if num_layers is not None else ">= 0"
+            raise ValueError(f"`{name}` keys must be block indices in {limit}, got {key!r}")
+        if block in drop_layers:
+            raise ValueError(f"`{name}` lists block {block}, which `drop_layers` removes; leave it out")
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise ValueError(f"`{name}[{block}]` must be a sequence of indices, got {values!r}")
+        items = list(values.tolist() if hasattr(values, "tolist") else values)
+        ints = [_as_index(v) for v in items]
+        bad = [v for v, i in zip(items, ints) if i is None or i < 0]
+        if bad:
+            raise ValueError(f"`{name}[{block}]` must hold non-negative integer indices, got {bad!r}")
+        kept = sorted(i for i in ints if i is not None)
+        if not kept:
+            raise ValueError(f"`{name}[{block}]` must keep at least one index, got none")
+        if len(set(kept)) != len(kept):
+            raise ValueError(f"`{name}[{block}]` must not repeat an index, got {kept}")
+        if widths is not None and kept[-1] >= widths[block]:
+            raise ValueError(f"`{name}[{block}]` must be in [0, {widths[block]}) (the block's width), got {kept[-1]}")
+        if block in out:
+            raise ValueError(f"`{name}` lists block {block} twice")
+        out[block] = tuple(kept)
+    return dict(sorted(out.items()))
+
+
+def _checked_widths(name: str, widths: object, num_layers: int | None) -> tuple[int, ...] | None:
+    """One positive int per block, or ``ValueError``."""
+    if widths is None:
+        return None
+    if hasattr(widths, "tolist"):
+        widths = widths.tolist()
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise ValueError(f"`{name}` must be a sequence of per-block widths, got {widths!r}")
+    values = [_as_index(v) for v in widths]  # type: ignore[union-attr]
+    if any(v is None or v < 1 for v in values):
+        raise ValueError(f"`{name}` must hold ints >= 1, got {list(widths)!r}")  # type: ignore[call-overload]
+    if num_layers is not None and len(values) != num_layers:
+        raise ValueError(f"`{name}` must hold one width per block ({num_layers}), got {len(values)}")
+    return tuple(v for v in values if v is not None)
+
+
 def _check_count(name: str, value: object) -> int | None:
     """``value`` as an int >= 0 or None; raises ``ValueError`` naming ``name`` otherwise."""
     if value is None:
@@ -65,6 +124,12 @@ class PruningPlan:
         non_embedding_before: parameters outside the embedding and an untied LM head, before pruning.
         non_embedding_after: the same after pruning.
         scores: per-block scores the plan was chosen by (higher = more important); ``num_layers`` of them.
+        keep_heads: ``{block: query-head indices kept}`` for the blocks whose attention shrinks (GQA: a KV head
+            survives when any of its query heads does, and every surviving KV head must keep the same number of
+            query heads; surgery checks this). Not part of the hash.
+        keep_neurons: ``{block: MLP neuron indices kept}`` for the blocks whose MLP shrinks. Not part of the hash.
+        heads_before: query heads per block of the model the plan was made on; checked when applied.
+        neurons_before: MLP neurons per block of the model the plan was made on; checked when applied.
         meta: free-form, JSON-serialisable provenance (criterion arguments, calibration description). Not part of
             equality or the hash.
 
@@ -92,6 +157,10 @@ class PruningPlan:
     non_embedding_before: int | None = None
     non_embedding_after: int | None = None
     scores: tuple[float, ...] | None = None
+    keep_heads: dict[int, tuple[int, ...]] | None = field(default=None, hash=False)
+    keep_neurons: dict[int, tuple[int, ...]] | None = field(default=None, hash=False)
+    heads_before: tuple[int, ...] | None = None
+    neurons_before: tuple[int, ...] | None = None
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +182,15 @@ class PruningPlan:
 
         if self.scores is not None:
             object.__setattr__(self, "scores", self._checked_scores(self.scores, num_layers))
+
+        heads_before = _checked_widths("heads_before", self.heads_before, num_layers)
+        neurons_before = _checked_widths("neurons_before", self.neurons_before, num_layers)
+        object.__setattr__(self, "heads_before", heads_before)
+        object.__setattr__(self, "neurons_before", neurons_before)
+        object.__setattr__(self, "keep_heads", _checked_keep("keep_heads", self.keep_heads, num_layers, heads_before, drop))
+        object.__setattr__(
+            self, "keep_neurons", _checked_keep("keep_neurons", self.keep_neurons, num_layers, neurons_before, drop)
+        )
 
         if not isinstance(self.meta, dict):
             raise TypeError(f"`meta` must be a dict, got {type(self.meta).__name__}")
@@ -174,6 +252,11 @@ class PruningPlan:
         return tuple(i for i in range(self.num_layers) if i not in dropped)
 
     @property
+    def changes_width(self) -> bool:
+        """Whether the plan removes attention heads or MLP neurons."""
+        return bool(self.keep_heads) or bool(self.keep_neurons)
+
+    @property
     def num_layers_after(self) -> int | None:
         """Number of blocks after the plan is applied, or None when ``num_layers`` is unknown."""
         return None if self.num_layers is None else self.num_layers - len(self.drop_layers)
@@ -206,6 +289,8 @@ class PruningPlan:
             value = getattr(self, f.name)
             if isinstance(value, tuple):
                 value = list(value)
+            elif f.name in ("keep_heads", "keep_neurons") and value is not None:
+                value = {str(block): list(kept) for block, kept in value.items()}
             elif isinstance(value, dict):
                 value = copy.deepcopy(value)
             out[f.name] = value
@@ -240,7 +325,7 @@ class PruningPlan:
                 category=UserWarning,
             )
         kwargs = {k: v for k, v in data.items() if k in known}
-        for name in ("drop_layers", "scores"):
+        for name in ("drop_layers", "scores", "heads_before", "neurons_before"):
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
         if kwargs.get("meta") is None:
@@ -303,7 +388,12 @@ class PruningPlan:
         counts = ""
         if self.params_before is not None and self.params_after is not None:
             counts = f", params {self.params_before:,} -> {self.params_after:,}"
+        width = ""
+        if self.keep_heads:
+            width += f", heads kept in {len(self.keep_heads)} blocks"
+        if self.keep_neurons:
+            width += f", neurons kept in {len(self.keep_neurons)} blocks"
         return (
             f"PruningPlan(drop_layers={list(self.drop_layers)}, num_layers={self.num_layers}, "
-            f"method={self.method!r}{counts})"
+            f"method={self.method!r}{width}{counts})"
         )

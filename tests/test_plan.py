@@ -82,8 +82,8 @@ def test_from_dict_reads_old_and_new_formats():
     assert old.meta == {} and old.scores is None
     assert PruningPlan.from_dict({"drop_layers": [2], "meta": None}).meta == {}
     # a newer plan: unknown keys are ignored with a warning
-    newer = _plan().to_dict() | {"keep_heads": {"0": [0, 1]}, "version": PLAN_FORMAT_VERSION + 1}
-    with pytest.warns(UserWarning, match=r"Ignoring unknown PruningPlan keys \['keep_heads'\]"):
+    newer = _plan().to_dict() | {"sparsity": {"0": 0.5}, "version": PLAN_FORMAT_VERSION + 1}
+    with pytest.warns(UserWarning, match=r"Ignoring unknown PruningPlan keys \['sparsity'\]"):
         assert PruningPlan.from_dict(newer) == _plan()
 
 
@@ -126,3 +126,49 @@ def test_plan_misconfiguration(tmp_path):
         PruningPlan.from_json(tmp_path / "missing.json")
     with pytest.raises(TypeError, match="`meta` must hold only JSON-serialisable values"):
         PruningPlan(meta={"x": object()}).to_json()
+
+
+def _width_plan(**overrides):
+    fields = dict(
+        num_layers=3,
+        drop_layers=(1,),
+        keep_heads={0: [3, 1], "2": (0,)},
+        heads_before=[4, 4, 4],
+        keep_neurons={2: range(5)},
+        neurons_before=(8, 8, 8),
+    )
+    fields.update(overrides)
+    return PruningPlan(**fields)
+
+
+def test_width_fields_normalise_and_round_trip(tmp_path):
+    plan = _width_plan()
+    assert plan.keep_heads == {0: (1, 3), 2: (0,)}
+    assert plan.keep_neurons == {2: (0, 1, 2, 3, 4)}
+    assert plan.changes_width and not PruningPlan(drop_layers=(1,)).changes_width
+    data = json.loads(plan.to_json())
+    assert data["keep_heads"] == {"0": [1, 3], "2": [0]} and data["heads_before"] == [4, 4, 4]
+    back = PruningPlan.from_json(plan.to_json(tmp_path / "p.json"))
+    assert back == plan and back.keep_heads == plan.keep_heads
+    assert plan != _width_plan(keep_heads={0: [1, 2], 2: [0]})
+    hash(plan)  # frozen plans stay hashable with dict fields
+    assert "heads kept in 2 blocks" in repr(plan)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(keep_heads={0: []}), r"`keep_heads\[0\]` must keep at least one index"),
+        (dict(keep_heads={0: [4]}), r"`keep_heads\[0\]` must be in \[0, 4\)"),
+        (dict(keep_heads={5: [0]}), r"`keep_heads` keys must be block indices in \[0, 3\), got 5"),
+        (dict(keep_heads={0: [1, 1]}), r"must not repeat an index, got \[1, 1\]"),
+        (dict(keep_heads={1: [0]}), r"lists block 1, which `drop_layers` removes"),
+        (dict(keep_neurons={0: [-1]}), r"`keep_neurons\[0\]` must hold non-negative integer indices"),
+        (dict(keep_neurons=[0, 1]), r"`keep_neurons` must map block index -> kept indices"),
+        (dict(heads_before=[4, 4]), r"`heads_before` must hold one width per block \(3\), got 2"),
+        (dict(neurons_before=[8, 0, 8]), r"`neurons_before` must hold ints >= 1"),
+    ],
+)
+def test_width_fields_reject_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _width_plan(**overrides)
