@@ -22,7 +22,9 @@ from lit_prune.callbacks.base import PruningCallback
 from lit_prune.datamodules import TextDataModule, TokenDataModule
 from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
 from lit_prune.module import CausalLMModule
+from lit_prune.io import save_pretrained
 from lit_prune.plan import PruningPlan
+from lit_prune.shapes import block_shapes, is_uniform
 from lit_prune.presets import CPU_PROTOCOL
 
 log = logging.getLogger(__name__)
@@ -122,16 +124,12 @@ def run_prune(args: list[str]) -> list[PruningPlan]:
         plan = callback.prune(module, callback.calibration_loader(data))
         callback.plans.append(plan.to_dict())
         plans.append(plan)
-    output = Path(cli.config["output"])
-    output.mkdir(parents=True, exist_ok=True)
-    module.model.save_pretrained(output)
-    if module.tokenizer is not None:
-        module.tokenizer.save_pretrained(output)
-    (output / "pruning_plans.json").write_text(json.dumps([p.to_dict() for p in plans], indent=2))
+    output = save_pretrained(module.model, cli.config["output"], tokenizer=module.tokenizer, plans=plans)
     first, last = plans[0], plans[-1]
+    loader = "AutoModelForCausalLM.from_pretrained" if is_uniform(block_shapes(module.model)) else "lit_prune.load_pretrained"
     print(
         f"Pruned with {', '.join(p.method for p in plans)}: params {first.params_before:,} -> {last.params_after:,}; "
-        f"saved to {output} (reload: AutoModelForCausalLM.from_pretrained({str(output)!r}) or "
+        f"saved to {output} (reload: {loader}({str(output)!r}) or "
         f"`lit-prune eval --model.model {output} --config ...`)"
     )
     return plans

@@ -52,6 +52,9 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM; GGUF weights are de-quantized by transformers into ``dtype``.
 
+    A local folder is loaded with :func:`lit_prune.load_pretrained`, so pruned models with non-uniform widths load
+    too.
+
     The GGUF quantizer and ``quantization_config`` are dropped from the loaded model, so that what is saved
     afterwards is a plain checkpoint that ``AutoModelForCausalLM.from_pretrained`` reloads without the GGUF file.
 
@@ -63,6 +66,10 @@ def load_model(
     """
     source, gguf = resolve_model_source(name_or_path, gguf_file)
     log.info("Loading model %s%s", source, f" (gguf_file={gguf})" if gguf else "")
+    if gguf is None and Path(source).is_dir():
+        from lit_prune.io import load_pretrained  # a local folder may hold a non-uniform pruned model
+
+        return load_pretrained(source, dtype=torch_dtype(dtype), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch_dtype(dtype), **kwargs)
     if gguf is not None:
         # The weights are plain float tensors now; forget the GGUF quantizer so save_pretrained works.

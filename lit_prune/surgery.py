@@ -27,6 +27,8 @@ from torch import nn
 
 from lit_prune.arch import adapter_for, model_config, unwrap
 from lit_prune.plan import PruningPlan, _as_index
+from lit_prune.shapes import block_shapes, sync_config
+from lit_prune.width_surgery import check_width_keep, prune_heads, prune_neurons
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +207,8 @@ def remove_blocks(model: nn.Module, indices: Iterable[int]) -> list[int]:
     for attr in ("_compiled_call", "_last_compile_config"):
         hf_model.__dict__.pop(attr, None)  # a torch.compile'd call traced the old depth
     _renumber_peft(model, new_of_old)
+    if cfg is not None:
+        sync_config(model)  # a non-uniform model's per-block width record loses the removed blocks
 
     params_after = adapter.total_params(model)
     log.info(
@@ -220,16 +224,19 @@ def remove_blocks(model: nn.Module, indices: Iterable[int]) -> list[int]:
 
 
 def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
-    """Apply ``plan`` to ``model`` in place (today: remove its ``drop_layers``).
+    """Apply ``plan`` to ``model`` in place: first its width changes (heads, neurons), then its ``drop_layers``.
 
     Args:
         model: the model to prune (as for :func:`remove_blocks`).
-        plan: a plan made on a model of the same depth as ``model`` is now.
+        plan: a plan made on a model of the same shape as ``model`` is now (depth, and the per-block widths
+            ``heads_before`` / ``neurons_before`` when the plan records them).
 
     Raises:
-        TypeError: if ``plan`` is not a :class:`~lit_prune.plan.PruningPlan`.
-        ValueError: if the plan was made for a model with another number of blocks, or its indices do not fit
-            (see :func:`remove_blocks`). Nothing is modified when it raises.
+        TypeError: if ``plan`` is not a :class:`~lit_prune.plan.PruningPlan`, or a projection to cut is not a plain
+            ``nn.Linear`` (merge LoRA adapters first).
+        ValueError: if the plan was made for a model of another depth or other widths, or its indices do not fit
+            (see :func:`remove_blocks`, :func:`lit_prune.width_surgery.prune_heads`). Nothing is modified when it
+            raises.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -242,14 +249,42 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> None:
     """
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"`plan` must be a PruningPlan, got {type(plan).__name__}")
-    num_blocks = adapter_for(model).num_blocks(model)
+    adapter = adapter_for(model)
+    num_blocks = adapter.num_blocks(model)
     if plan.num_layers is not None and plan.num_layers != num_blocks:
         raise ValueError(
             f"The plan was made for a model with {plan.num_layers} blocks, this one has {num_blocks}; "
             f"nothing was modified (was the plan already applied?)"
         )
+    drop = _checked_indices(plan.drop_layers, num_blocks, name="drop_layers")
+    if len(drop) == num_blocks:
+        raise ValueError(f"The plan removes all {num_blocks} blocks; at least one block must remain")
+    _check_config_depth(_text_config(model), num_blocks)
+    if plan.changes_width:
+        _check_widths_before(model, plan)
+        check_width_keep(model, plan.keep_heads or {}, plan.keep_neurons or {})
     log.info("Applying %r", plan)
+    if plan.changes_width:
+        for block, keep in (plan.keep_heads or {}).items():
+            prune_heads(model, block, keep)
+        for block, keep in (plan.keep_neurons or {}).items():
+            prune_neurons(model, block, keep)
+        sync_config(model)
     remove_blocks(model, plan.drop_layers)
+
+
+def _check_widths_before(model: nn.Module, plan: PruningPlan) -> None:
+    """Raise unless the model's per-block widths are the ones the plan was made on (when the plan records them)."""
+    shapes = block_shapes(model)
+    for name, recorded, current in (
+        ("heads_before", plan.heads_before, tuple(s.num_attention_heads for s in shapes)),
+        ("neurons_before", plan.neurons_before, tuple(s.intermediate_size for s in shapes)),
+    ):
+        if recorded is not None and tuple(recorded) != current:
+            raise ValueError(
+                f"The plan was made for a model with per-block widths {name}={list(recorded)}, this one has "
+                f"{list(current)}; nothing was modified (was the plan already applied?)"
+            )
 
 
 def _checked_scores(scores: torch.Tensor | Sequence[float], num_blocks: int) -> list[float]:

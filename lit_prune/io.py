@@ -1,0 +1,127 @@
+"""Save and reload pruned models: stock Hugging Face checkpoints when widths are uniform, one loader when not.
+
+* Uniform widths (depth pruning, uniform width allocation): the config describes the model and
+  :func:`save_pretrained` writes a plain checkpoint that ``AutoModelForCausalLM.from_pretrained`` (and every tool
+  built on it) loads.
+* Non-uniform widths (global allocation): ``config.json`` also holds the per-block widths
+  (:data:`lit_prune.shapes.LAYER_SHAPES_KEY`) and the weights keep their real, smaller shapes. Load it with
+  :func:`load_pretrained`, which builds each block at its recorded width before the weights go in. Plain
+  ``from_pretrained`` builds every block at the global width and stops with transformers' "size mismatch" error
+  (it does not load silently wrong weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from lit_prune.arch import unwrap
+from lit_prune.plan import PruningPlan
+from lit_prune.shapes import LAYER_SHAPES_KEY, BlockShape, is_uniform, resize_to_shapes, shapes_from_config, sync_config
+
+log = logging.getLogger(__name__)
+
+PLANS_FILE = "pruning_plans.json"
+"""Written next to the weights by :func:`save_pretrained` when plans are given: the plans that made the model."""
+
+
+def save_pretrained(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    tokenizer: Any = None,
+    plans: list[PruningPlan] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Save a (pruned) model so it reloads with identical logits; returns the folder.
+
+    The config is first brought in line with the real block widths, so a uniform result is a stock checkpoint and a
+    non-uniform one carries its per-block record. LoRA adapters must be merged first (a PEFT wrapper is refused).
+
+    Args:
+        model: a Hugging Face causal LM, or a ``CausalLMModule`` holding one.
+        path: output folder (created).
+        tokenizer: saved next to the model when given.
+        plans: written to ``pruning_plans.json`` when given (the replayable record of how the model was made).
+        kwargs: passed to the model's ``save_pretrained`` (e.g. ``safe_serialization``, ``max_shard_size``).
+
+    Raises:
+        TypeError: if ``model`` is not a ``PreTrainedModel`` after unwrapping, or still holds PEFT adapters.
+    """
+    hf_model = unwrap(model)
+    if not isinstance(hf_model, PreTrainedModel) or hasattr(hf_model, "peft_config"):
+        raise TypeError(
+            f"save_pretrained needs a plain Hugging Face model, got {type(hf_model).__name__}; merge LoRA adapters "
+            "first (`merge_and_unload()`)"
+        )
+    shapes = sync_config(hf_model)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if plans:
+        (out / PLANS_FILE).write_text(json.dumps([p.to_dict() for p in plans], indent=2) + "\n")
+    how = "AutoModelForCausalLM.from_pretrained" if is_uniform(shapes) else "lit_prune.load_pretrained"
+    log.info("Saved %s to %s (reload with %s)", type(hf_model).__name__, out, how)
+    return out
+
+
+def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """Load a model saved by lit-prune (or any stock checkpoint) with the widths it was saved with.
+
+    A checkpoint without a per-block width record is loaded by plain ``AutoModelForCausalLM.from_pretrained``.
+    Otherwise the model class is built as usual and each block is cut to its recorded widths inside the
+    constructor, before transformers loads the weights, so loading keeps all of transformers' machinery (meta-device
+    construction, ``dtype``, ``device_map``, sharded files, tied weights) and peak memory stays that of the pruned
+    model.
+
+    Args:
+        path: a folder written by :func:`save_pretrained` (or ``save_pretrained`` of a uniform model), or a hub id.
+        kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Returns:
+        The model, in eval mode as ``from_pretrained`` returns it.
+
+    Raises:
+        ValueError: if the per-block record is malformed or does not match the config's depth.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from lit_prune.width_surgery import prune_neurons
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+        >>> _ = prune_neurons(model, 0, range(8))      # block 0 narrower than block 1: non-uniform
+        >>> folder = save_pretrained(model, tempfile.mkdtemp())
+        >>> load_pretrained(folder).model.layers[0].mlp.down_proj.in_features
+        8
+    """
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(str(path))
+    shapes = shapes_from_config(config)
+    if shapes is None:
+        return AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
+    base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if base is None:
+        raise ValueError(f"No causal-LM class for config type {type(config).__name__} (model_type={config.model_type!r})")
+    model = _with_shapes(base, shapes).from_pretrained(str(path), config=config, **kwargs)
+    model.__class__ = base  # the subclass only changed construction; users get the stock class
+    log.info("Loaded %s with per-block widths from %s", base.__name__, LAYER_SHAPES_KEY)
+    return model
+
+
+def _with_shapes(base: type[PreTrainedModel], shapes: list[BlockShape]) -> type[PreTrainedModel]:
+    """A subclass of ``base`` whose constructor cuts every block to ``shapes`` right after building it."""
+
+    def __init__(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        resize_to_shapes(self, shapes)
+
+    # same name and module: transformers reads both (class name in saved configs, module file for attention support)
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})

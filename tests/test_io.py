@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from lit_prune import CausalLMModule, load_pretrained, save_pretrained
+from lit_prune.io import PLANS_FILE
+from lit_prune.plan import PruningPlan
+from lit_prune.shapes import LAYER_SHAPES_KEY, block_shapes
+from lit_prune.surgery import apply_plan
+
+NONUNIFORM = PruningPlan(
+    num_layers=4,
+    keep_heads={1: [0, 2], 2: [2, 3]},
+    keep_neurons={0: [3, 5, 9], 3: range(40)},
+    heads_before=[4] * 4,
+    neurons_before=[96] * 4,
+)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(4, 256, (2, 10), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_nonuniform_round_trip_through_load_pretrained(tmp_path, tied, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(tie_word_embeddings=tied)).eval()
+    apply_plan(model, NONUNIFORM)
+    ids = _ids()
+    expected = model(ids).logits
+    folder = save_pretrained(model, tmp_path / "pruned", tokenizer=tiny_tokenizer, plans=[NONUNIFORM])
+    saved = json.loads((folder / "config.json").read_text())
+    assert len(saved[LAYER_SHAPES_KEY]) == 4 and saved["head_dim"] == 24
+    assert PruningPlan.from_dict(json.loads((folder / PLANS_FILE).read_text())[0]) == NONUNIFORM
+    assert (folder / "tokenizer.json").is_file()
+
+    again = load_pretrained(folder)
+    assert type(again) is LlamaForCausalLM and not again.training
+    assert block_shapes(again) == block_shapes(model)
+    torch.testing.assert_close(again(ids).logits, expected, rtol=0, atol=0)
+    if tied:
+        assert again.lm_head.weight is again.model.embed_tokens.weight
+    # generation with the KV cache works on the reloaded model
+    out = again.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=3)
+    assert out.shape == (1, 9)
+    # save again from the reloaded model: still non-uniform, still loads
+    again2 = load_pretrained(save_pretrained(again, tmp_path / "again"), dtype=torch.bfloat16)
+    assert again2.dtype == torch.bfloat16 and block_shapes(again2) == block_shapes(model)
+
+
+def test_plain_from_pretrained_refuses_nonuniform(tmp_path):
+    model = LlamaForCausalLM(tiny_config())
+    apply_plan(model, NONUNIFORM)
+    folder = save_pretrained(model, tmp_path / "pruned")
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_uniform_save_is_a_stock_checkpoint(tmp_path):
+    model = LlamaForCausalLM(tiny_config()).eval()
+    apply_plan(model, PruningPlan(num_layers=4, keep_neurons={b: range(48) for b in range(4)}))
+    folder = save_pretrained(model, tmp_path / "pruned")
+    assert LAYER_SHAPES_KEY not in json.loads((folder / "config.json").read_text())
+    ids = _ids()
+    for loaded in (AutoModelForCausalLM.from_pretrained(folder), load_pretrained(folder)):
+        torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_causal_lm_module_loads_a_nonuniform_folder(tmp_path, tiny_tokenizer):
+    model = LlamaForCausalLM(tiny_config())
+    apply_plan(model, NONUNIFORM)
+    folder = save_pretrained(model, tmp_path / "pruned", tokenizer=tiny_tokenizer)
+    module = CausalLMModule(model=str(folder))
+    assert block_shapes(module.model) == block_shapes(model)
+
+
+def test_save_refuses_peft_models(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = LlamaForCausalLM(tiny_config())
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match="merge LoRA adapters"):
+        save_pretrained(wrapped, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_malformed_record_is_reported(tmp_path):
+    model = LlamaForCausalLM(tiny_config())
+    apply_plan(model, NONUNIFORM)
+    folder = save_pretrained(model, tmp_path / "pruned")
+    config = json.loads((folder / "config.json").read_text())
+    config[LAYER_SHAPES_KEY] = config[LAYER_SHAPES_KEY][:2]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"has 2 entries for 4 blocks"):
+        load_pretrained(folder)
