@@ -1,6 +1,7 @@
 """Streaming statistics gathered by forward hooks in one calibration pass (torchmetrics ``Metric`` s, sum-reduced).
 
 * :mod:`lit_prune.stats.depth`: per block, its input and output (Block Influence, angular distance, linear CKA).
+* :mod:`lit_prune.stats.width`: per head and MLP neuron, AMP contributions and Wanda column norms.
 * :mod:`lit_prune.stats.candidates`: per candidate block, the model with and without it (global criteria).
 * :mod:`lit_prune.stats.hooks`: :class:`Hooks`, which owns hooks and always removes them.
 """
@@ -9,10 +10,13 @@ from lit_prune.stats._common import Batch, Batches, CKASums
 from lit_prune.stats.candidates import GLOBAL_METRICS, GlobalStatistics, GlobalStats, collect_global_statistics
 from lit_prune.stats.depth import DEPTH_NEEDS, DepthStatistics, DepthStats, collect_depth_statistics
 from lit_prune.stats.hooks import Hooks
+from lit_prune.stats.width import WIDTH_NEEDS, WIDTH_SITES, WidthStatistics, WidthStats, collect_width_statistics
 
 __all__ = [
     "DEPTH_NEEDS",
     "GLOBAL_METRICS",
+    "WIDTH_NEEDS",
+    "WIDTH_SITES",
     "Batch",
     "Batches",
     "CKASums",
@@ -21,6 +25,9 @@ __all__ = [
     "GlobalStatistics",
     "GlobalStats",
     "Hooks",
+    "WidthStatistics",
+    "WidthStats",
     "collect_depth_statistics",
     "collect_global_statistics",
+    "collect_width_statistics",
 ]
