@@ -6,7 +6,12 @@ from lit_prune.module import CausalLMModule
 from lit_prune.presets import CPU_PROTOCOL, SMOLLM2
 
 __all__ = [
-    "CPU_PROTOCOL", "SMOLLM2", "CausalLMModule", "ModelAdapter", "UnsupportedModelError", "adapter_for",
+    "CPU_PROTOCOL",
+    "SMOLLM2",
+    "CausalLMModule",
+    "ModelAdapter",
+    "UnsupportedModelError",
+    "adapter_for",
     "load_pretrained",
     "save_pretrained",
 ]

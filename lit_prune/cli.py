@@ -21,11 +21,11 @@ from typing_extensions import override
 from lit_prune.callbacks.base import PruningCallback
 from lit_prune.datamodules import TextDataModule, TokenDataModule
 from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
-from lit_prune.module import CausalLMModule
 from lit_prune.io import save_pretrained
+from lit_prune.module import CausalLMModule
 from lit_prune.plan import PruningPlan
-from lit_prune.shapes import block_shapes, is_uniform
 from lit_prune.presets import CPU_PROTOCOL
+from lit_prune.shapes import loads_without_lit_prune
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ def run_prune(args: list[str]) -> list[PruningPlan]:
         plans.append(plan)
     output = save_pretrained(module.model, cli.config["output"], tokenizer=module.tokenizer, plans=plans)
     first, last = plans[0], plans[-1]
-    loader = "AutoModelForCausalLM.from_pretrained" if is_uniform(block_shapes(module.model)) else "lit_prune.load_pretrained"
+    stock = loads_without_lit_prune(module.model)
+    loader = "AutoModelForCausalLM.from_pretrained" if stock else "lit_prune.load_pretrained"
     print(
         f"Pruned with {', '.join(p.method for p in plans)}: params {first.params_before:,} -> {last.params_after:,}; "
         f"saved to {output} (reload: {loader}({str(output)!r}) or "
@@ -222,7 +223,12 @@ def run_eval(args: list[str]) -> EvalSummary:
     name = str(module.hparams.get("model") or type(module.model).__name__)
     batch_size = getattr(data, "batch_size", 4)
     summary = evaluate_model(
-        module.model, name, windows, source, batch_size=batch_size, latency_kwargs=latency_kwargs,
+        module.model,
+        name,
+        windows,
+        source,
+        batch_size=batch_size,
+        latency_kwargs=latency_kwargs,
         progress=opts.progress,
     )
     print(format_table([summary]))

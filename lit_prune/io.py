@@ -23,7 +23,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lit_prune.arch import unwrap
 from lit_prune.plan import PruningPlan
-from lit_prune.shapes import LAYER_SHAPES_KEY, BlockShape, is_uniform, resize_to_shapes, shapes_from_config, sync_config
+from lit_prune.shapes import (
+    LAYER_SHAPES_KEY,
+    BlockShape,
+    loads_without_lit_prune,
+    resize_to_shapes,
+    shapes_from_config,
+    sync_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,7 @@ def save_pretrained(
             f"save_pretrained needs a plain Hugging Face model, got {type(hf_model).__name__}; merge LoRA adapters "
             "first (`merge_and_unload()`)"
         )
-    shapes = sync_config(hf_model)
+    sync_config(hf_model)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out, **kwargs)
@@ -68,7 +75,7 @@ def save_pretrained(
         tokenizer.save_pretrained(out)
     if plans:
         (out / PLANS_FILE).write_text(json.dumps([p.to_dict() for p in plans], indent=2) + "\n")
-    how = "AutoModelForCausalLM.from_pretrained" if is_uniform(shapes) else "lit_prune.load_pretrained"
+    how = "AutoModelForCausalLM.from_pretrained" if loads_without_lit_prune(hf_model) else "lit_prune.load_pretrained"
     log.info("Saved %s to %s (reload with %s)", type(hf_model).__name__, out, how)
     return out
 
@@ -107,9 +114,14 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     shapes = shapes_from_config(config)
     if shapes is None:
         return AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
-    base = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    if base is None:
-        raise ValueError(f"No causal-LM class for config type {type(config).__name__} (model_type={config.model_type!r})")
+    found: Any = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if isinstance(found, tuple):  # some config types map to several classes; the first is the default
+        found = next((c for c in found if c is not None), None)
+    if found is None:
+        raise ValueError(
+            f"No causal-LM class for config type {type(config).__name__} (model_type={config.model_type!r})"
+        )
+    base: type[PreTrainedModel] = found
     model = _with_shapes(base, shapes).from_pretrained(str(path), config=config, **kwargs)
     model.__class__ = base  # the subclass only changed construction; users get the stock class
     log.info("Loaded %s with per-block widths from %s", base.__name__, LAYER_SHAPES_KEY)

@@ -187,7 +187,9 @@ class PruningPlan:
         neurons_before = _checked_widths("neurons_before", self.neurons_before, num_layers)
         object.__setattr__(self, "heads_before", heads_before)
         object.__setattr__(self, "neurons_before", neurons_before)
-        object.__setattr__(self, "keep_heads", _checked_keep("keep_heads", self.keep_heads, num_layers, heads_before, drop))
+        object.__setattr__(
+            self, "keep_heads", _checked_keep("keep_heads", self.keep_heads, num_layers, heads_before, drop)
+        )
         object.__setattr__(
             self, "keep_neurons", _checked_keep("keep_neurons", self.keep_neurons, num_layers, neurons_before, drop)
         )

@@ -140,8 +140,14 @@ def prune_heads(model: nn.Module, block: int, keep: Iterable[int]) -> list[int]:
     _set_int_attr(attn, "num_heads", len(kept))
     _set_int_attr(attn, "num_attention_heads", len(kept))
     _set_int_attr(attn, "num_key_value_heads", len(kv_kept))
-    log.debug("Block %d: query heads %d -> %d, KV heads %d -> %d", block, view.num_heads, len(kept),
-              view.num_kv_heads, len(kv_kept))
+    log.debug(
+        "Block %d: query heads %d -> %d, KV heads %d -> %d",
+        block,
+        view.num_heads,
+        len(kept),
+        view.num_kv_heads,
+        len(kv_kept),
+    )
     return kept
 
 
@@ -209,7 +215,9 @@ def check_width_keep(
 def _check_block(block: object, num_blocks: int) -> None:
     index = _as_index(block)
     if index is None or not 0 <= index < num_blocks:
-        raise ValueError(f"`block` must be an index in [0, {num_blocks}) (the model has {num_blocks} blocks), got {block!r}")
+        raise ValueError(
+            f"`block` must be an index in [0, {num_blocks}) (the model has {num_blocks} blocks), got {block!r}"
+        )
 
 
 def _view(adapter: ModelAdapter, model: nn.Module, block: int) -> AttentionView:

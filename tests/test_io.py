@@ -95,3 +95,15 @@ def test_malformed_record_is_reported(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"has 2 entries for 4 blocks"):
         load_pretrained(folder)
+
+
+def test_uniform_head_count_the_config_class_rejects_is_recorded(tmp_path):
+    # transformers' LlamaConfig refuses hidden_size (64) not divisible by the head count (3) when loading
+    model = LlamaForCausalLM(tiny_config(num_key_value_heads=4, head_dim=16)).eval()
+    apply_plan(model, PruningPlan(num_layers=4, keep_heads={b: [0, 1, 3] for b in range(4)}))
+    folder = save_pretrained(model, tmp_path / "pruned")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved[LAYER_SHAPES_KEY][0]["num_attention_heads"] == 3
+    assert 64 % saved["num_attention_heads"] == 0 and saved["num_attention_heads"] >= 3
+    ids = _ids()
+    torch.testing.assert_close(load_pretrained(folder)(ids).logits, model(ids).logits, rtol=0, atol=0)

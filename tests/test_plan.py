@@ -156,7 +156,7 @@ def test_width_fields_normalise_and_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
+    ("overrides", "message"),
     [
         (dict(keep_heads={0: []}), r"`keep_heads\[0\]` must keep at least one index"),
         (dict(keep_heads={0: [4]}), r"`keep_heads\[0\]` must be in \[0, 4\)"),

@@ -96,7 +96,12 @@ def test_generation_with_kv_cache_after_nonuniform_pruning(tiny_model):
     uncached = tiny_model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=3)
     assert cached.shape == (1, 14)
     assert torch.equal(cached, uncached)
-    assert block_shapes(tiny_model) == [BlockShape(4, 2, 3), BlockShape(2, 2, 96), BlockShape(2, 1, 96), BlockShape(4, 2, 40)]
+    assert block_shapes(tiny_model) == [
+        BlockShape(4, 2, 3),
+        BlockShape(2, 2, 96),
+        BlockShape(2, 1, 96),
+        BlockShape(4, 2, 40),
+    ]
     record = getattr(tiny_model.config, LAYER_SHAPES_KEY)
     assert record[2] == {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 96}
     assert (tiny_model.config.num_attention_heads, tiny_model.config.num_key_value_heads) == (4, 2)
@@ -107,7 +112,11 @@ def test_param_count_matches_plan_accounting(tiny_model):
     view = adapter.attentions(tiny_model)[0]
     mlp = adapter.mlps(tiny_model)[0]
     before = adapter.total_params(tiny_model)
-    per_head, per_group, per_neuron = adapter.head_params(view), adapter.kv_group_params(view), adapter.neuron_params(mlp)
+    per_head, per_group, per_neuron = (
+        adapter.head_params(view),
+        adapter.kv_group_params(view),
+        adapter.neuron_params(mlp),
+    )
     prune_heads(tiny_model, 0, [0, 2])  # two query heads, no group
     prune_heads(tiny_model, 1, [0, 1])  # one whole group
     prune_neurons(tiny_model, 2, range(90))
@@ -131,7 +140,7 @@ def test_width_and_depth_in_one_plan(tiny_model):
 
 
 @pytest.mark.parametrize(
-    "plan, error, message",
+    ("plan", "error", "message"),
     [
         (PruningPlan(num_layers=4, keep_heads={0: [0, 1, 2]}), ValueError, r"same number of query heads"),
         (PruningPlan(num_layers=4, keep_heads={0: [0, 4]}), ValueError, r"integer indices in \[0, 4\), got \[4\]"),
@@ -168,7 +177,9 @@ def test_direct_calls_reject_bad_input(tiny_model):
 def test_uniform_result_reloads_with_plain_from_pretrained(tiny_model, tmp_path):
     ids = _ids()
     keep = {b: [1, 3] for b in range(4)}
-    apply_plan(tiny_model, PruningPlan(num_layers=4, keep_heads=keep, keep_neurons={b: range(0, 96, 2) for b in range(4)}))
+    apply_plan(
+        tiny_model, PruningPlan(num_layers=4, keep_heads=keep, keep_neurons={b: range(0, 96, 2) for b in range(4)})
+    )
     expected = tiny_model(ids).logits
     tiny_model.save_pretrained(tmp_path / "m")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()

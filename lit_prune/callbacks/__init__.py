@@ -2,5 +2,6 @@
 
 from lit_prune.callbacks.base import PruningCallback, rebuild_after_surgery
 from lit_prune.callbacks.depth import DepthPruning
+from lit_prune.callbacks.width import WidthPruning
 
-__all__ = ["DepthPruning", "PruningCallback", "rebuild_after_surgery"]
+__all__ = ["DepthPruning", "PruningCallback", "WidthPruning", "rebuild_after_surgery"]

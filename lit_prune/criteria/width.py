@@ -64,14 +64,15 @@ class WidthScores:
         return len(self.heads)
 
 
-WIDTH_CRITERIA = ("amp", "magnitude", "wanda_sp", "random", "reversed")
+WIDTH_CRITERIA = ("amp", "amp_act", "magnitude", "wanda_sp", "random", "reversed")
 """Every name :func:`score_width` accepts."""
 
-_SINGLE = ("amp", "magnitude", "wanda_sp", "random")
+_SINGLE = ("amp", "amp_act", "magnitude", "wanda_sp", "random")
 """What ``reversed`` may negate."""
 
 _NEEDS: dict[str, tuple[str, ...]] = {
     "amp": ("amp_heads", "amp_neurons"),
+    "amp_act": ("amp_heads", "amp_neurons"),
     "wanda_sp": ("attn_in_sq", "o_in_sq", "mlp_in_sq", "down_in_sq"),
 }
 
@@ -125,31 +126,43 @@ def width_needs_for(criterion: str, *, reversed_of: str = "amp") -> set[str]:
     return set(_NEEDS.get(criterion, ()))
 
 
-def amp(stats: WidthStats) -> WidthScores:
+def amp(stats: WidthStats, model: nn.Module | None = None) -> WidthScores:
     """AMP: the mean over tokens of the L1 norm of each unit's contribution to the block's output.
 
     Head ``h``: ``mean_t ‖X_h[t] W_{O,h}ᵀ‖₁`` (``X_h`` its slice of the o_proj input, ``W_{O,h}`` its o_proj
-    columns). Neuron ``j``: ``mean_t |a_j[t]|`` (``a`` the down_proj input); the contribution is ``a_j W_down[:, j]``,
-    whose L1 norm is that times the constant ``‖W_down[:, j]‖₁``, left out as in the paper.
+    columns). Neuron ``j``: ``mean_t ‖a_j[t] W_down[:, j]‖₁ = mean_t |a_j[t]| · ‖W_down[:, j]‖₁`` (``a`` the
+    down_proj input), so heads and neurons are scored by the same quantity: what the block's output loses when the
+    unit is zeroed. The paper's code scores a neuron by ``mean_t |a_j[t]|`` alone; that is :func:`amp_act` (and
+    what this returns when ``model`` is None). The two differ only by the per-neuron column norm.
 
     Args:
         stats: reduced sums with ``amp_heads`` and ``amp_neurons``.
+        model: the model the statistics were collected on (for the down_proj column norms).
 
     Returns:
-        The scores, criterion ``"amp"``.
+        The scores, criterion ``"amp"`` (``"amp_act"`` without ``model``).
 
     Raises:
-        ValueError: if the sums are missing or a block saw no token.
+        ValueError: if the sums are missing, a block saw no token, or the model's widths differ from the
+            statistics'.
     """
     heads, neurons = _sums(stats, "amp_heads"), _sums(stats, "amp_neurons")
     if bool((stats.count <= 0).any()):
         raise ValueError(f"No calibration tokens behind the statistics (count {stats.count.tolist()})")
     count = stats.count.tolist()
-    return WidthScores(
-        tuple(h / c for h, c in zip(heads, count, strict=True)),
-        tuple(n / c for n, c in zip(neurons, count, strict=True)),
-        "amp",
-    )
+    head_scores = tuple(h / c for h, c in zip(heads, count, strict=True))
+    neuron_scores = tuple(n / c for n, c in zip(neurons, count, strict=True))
+    if model is None:
+        return WidthScores(head_scores, neuron_scores, "amp_act")
+    attentions, mlps = _views(model)
+    _check_widths(stats, attentions, mlps)
+    column_l1 = [_weight(m.down).abs().sum(0).cpu() for m in mlps]
+    return WidthScores(head_scores, tuple(n * w for n, w in zip(neuron_scores, column_l1, strict=True)), "amp")
+
+
+def amp_act(stats: WidthStats) -> WidthScores:
+    """AMP as in the paper's code: heads as in :func:`amp`, neurons by ``mean_t |a_j[t]|`` (activation only)."""
+    return amp(stats, None)
 
 
 def _magnitude_block(attn: AttentionView, mlp: MLPView) -> tuple[Tensor, Tensor]:
@@ -317,7 +330,10 @@ def score_width(
         stats = collect_width_statistics(model, batches, needs, max_batches, progress, device)
     if base == "amp":
         assert stats is not None
-        scores = amp(stats)
+        scores = amp(stats, model)
+    elif base == "amp_act":
+        assert stats is not None
+        scores = amp_act(stats)
     elif base == "wanda_sp":
         assert stats is not None
         scores = wanda_sp(model, stats)

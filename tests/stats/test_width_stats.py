@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.utilities.data import dim_zero_sum
 from transformers import LlamaForCausalLM
 
-from lit_prune.criteria.width import amp
+from lit_prune.criteria.width import amp, amp_act
 from lit_prune.stats import WIDTH_NEEDS, WidthStatistics, WidthStats, collect_width_statistics
 
 D, HEAD_DIM = 64, 24
@@ -75,7 +75,8 @@ def zeroed(linear: nn.Linear, columns: Tensor | slice | int) -> Iterator[None]:
 def reference(model: LlamaForCausalLM, batches: list[Tensor]) -> dict[str, list[Tensor]]:
     """Per block, without hooks: AMP means by zeroing each unit, and the summed squares of q/gate/down inputs."""
     layers = model.model.layers
-    out: dict[str, list[Tensor]] = {k: [] for k in ("amp_heads", "amp_neurons", "attn_in_sq", "mlp_in_sq", "down_sq")}
+    keys = ("amp_heads", "amp_neurons", "amp_act_neurons", "attn_in_sq", "mlp_in_sq", "down_sq")
+    out: dict[str, list[Tensor]] = {k: [] for k in keys}
     sums: dict[str, list[Tensor]] = {k: [torch.zeros(0)] * len(layers) for k in out}
     tokens = 0
     for batch in batches:
@@ -98,15 +99,17 @@ def reference(model: LlamaForCausalLM, batches: list[Tensor]) -> dict[str, list[
             mlp_full = mlp(m)
             if b + 1 < len(layers):  # the last hidden state is after the final norm
                 torch.testing.assert_close(h + full + mlp_full, hidden[b + 1], atol=1e-5, rtol=1e-5)
-            neuron_l1 = []
+            neuron_l1, neuron_act = [], []
             for j in range(mlp.down_proj.in_features):
                 with zeroed(mlp.down_proj, j):
                     delta = (mlp_full - mlp(m)).abs().sum(-1).sum()
-                neuron_l1.append(delta / mlp.down_proj.weight[:, j].abs().sum())
+                neuron_l1.append(delta)  # what the output loses: AMP's neuron score
+                neuron_act.append(delta / mlp.down_proj.weight[:, j].abs().sum())  # = Σ|a_j|: the paper's score
             a = mlp.act_fn(mlp.gate_proj(m)) * mlp.up_proj(m)
             parts = {
                 "amp_heads": torch.stack(head_l1),
                 "amp_neurons": torch.stack(neuron_l1),
+                "amp_act_neurons": torch.stack(neuron_act),
                 "attn_in_sq": x.pow(2).sum((0, 1)),
                 "mlp_in_sq": m.pow(2).sum((0, 1)),
                 "down_sq": a.pow(2).sum((0, 1)),
@@ -127,11 +130,14 @@ def test_amp_and_squares_equal_brute_force_reference(model: LlamaForCausalLM) ->
     batches = [ids(2, 9, seed=1), ids(1, 13, seed=2)]
     stats = collect_width_statistics(model, batches)
     ref = reference(model, batches)
-    scores = amp(stats)
+    scores = amp(stats, model)
+    paper = amp_act(stats)
     assert stats.count.tolist() == [31.0] * 4
     for b in range(4):
         torch.testing.assert_close(scores.heads[b].double(), ref["amp_heads"][b], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(scores.neurons[b].double(), ref["amp_neurons"][b], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(paper.heads[b], scores.heads[b])
+        torch.testing.assert_close(paper.neurons[b].double(), ref["amp_act_neurons"][b], rtol=1e-4, atol=1e-7)
         assert stats.attn_in_sq is not None and stats.mlp_in_sq is not None and stats.down_in_sq is not None
         torch.testing.assert_close(stats.attn_in_sq[b], ref["attn_in_sq"][b], rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(stats.mlp_in_sq[b], ref["mlp_in_sq"][b], rtol=1e-5, atol=1e-8)
@@ -256,7 +262,7 @@ def test_non_uniform_widths_are_scored_per_block() -> None:
     assert stats.heads == (4, 2, 4, 4) and stats.neurons == (96, 40, 64, 96)
     assert stats.o_in_sq is not None
     assert [t.numel() for t in stats.o_in_sq] == [96, 48, 96, 96]
-    scores, ref = amp(stats), reference(model, batches)
+    scores, ref = amp(stats, model), reference(model, batches)
     assert [t.numel() for t in scores.heads] == [4, 2, 4, 4]
     assert [t.numel() for t in scores.neurons] == [96, 40, 64, 96]
     for b in range(4):

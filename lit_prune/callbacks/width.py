@@ -1,0 +1,212 @@
+"""``WidthPruning``: remove attention heads and MLP neurons ranked least important, inside ``Trainer.fit``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lit_prune.allocation import make_width_plan
+from lit_prune.arch import adapter_for, unwrap
+from lit_prune.callbacks.base import PruningCallback
+from lit_prune.criteria.width import WIDTH_CRITERIA, WidthScores, random_scores, score_width
+from lit_prune.plan import PruningPlan
+from lit_prune.surgery import apply_plan
+
+log = logging.getLogger(__name__)
+
+WidthCriterion = Literal["amp", "amp_act", "magnitude", "wanda_sp", "random", "reversed"]
+GQA_MODES = ("query", "group")
+ALLOCATIONS = ("uniform", "global")
+AMOUNT_OF = ("total", "non_embedding")
+
+
+class WidthPruning(PruningCallback):
+    """Remove ``amount`` of the parameters as attention heads and MLP neurons, lowest ``criterion`` score first.
+
+    Lifecycle: ``setup`` validates the model and the budget (nothing modified on error); ``on_fit_start`` (or
+    ``on_train_epoch_start`` of ``at_epoch``) runs ONE calibration pass with forward hooks that collect what the
+    criterion needs (none for ``magnitude`` / ``random``), reduces it across DDP ranks, allocates the budget
+    (:func:`lit_prune.allocation.make_width_plan`), cuts the same heads and neurons on every rank, rebuilds the DDP
+    wrapper and the optimizers, and writes the plan as JSON next to the checkpoints.
+
+    Args:
+        criterion: ``amp`` (mean L1 of each head's o_proj contribution, mean |activation| of each neuron),
+            ``magnitude`` (weight norms), ``wanda_sp`` (|W|·‖x‖ summed over the unit's weights), and the controls
+            ``random`` (seeded) and ``reversed`` (of ``reversed_of``).
+        amount: a fraction in (0, 1) of the parameters counted by ``of``, or an int: parameters to remove.
+        of: ``"total"`` (all parameters, embeddings included) or ``"non_embedding"``.
+        gqa: ``"query"`` removes the same number of query heads from every KV group (k/v kept; a uniform result
+            stays a stock checkpoint); ``"group"`` removes whole KV groups (their query heads and k/v rows).
+        allocation: ``"uniform"`` (AMP: the same ratio in every block) or ``"global"`` (scores normalised per
+            block and ranked across blocks; every block keeps at least ``min_keep``).
+        round_to: kept MLP widths are multiples of this (e.g. 8 or 64, for hardware-friendly matmuls).
+        min_keep: the smallest fraction of heads and neurons a block keeps under ``global`` allocation.
+        reversed_of: the criterion that ``reversed`` negates.
+        seed: seed of ``random``.
+        at_epoch: prune at the start of this epoch; None prunes on fit start.
+        calibration: a DataLoader of calibration batches; None uses the datamodule's ``calibration_dataloader()``.
+        calibration_batches: use at most this many calibration batches.
+        verbose: 0 silent, 1 log what was removed, 2 also per-block widths.
+
+    Raises:
+        MisconfigurationException: for an unknown criterion, gqa mode, allocation or ``of``, and values out of
+            range; in ``setup``: a budget the model cannot meet.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[WidthPruning(criterion="amp", amount=0.2, gqa="query")])
+        trainer.fit(CausalLMModule(model="builtin:smollm2-135m-instruct"), datamodule=TextDataModule(...))
+    """
+
+    name = "width"
+
+    def __init__(
+        self,
+        criterion: WidthCriterion = "amp",
+        amount: float | int = 0.2,
+        of: Literal["total", "non_embedding"] = "total",
+        gqa: Literal["query", "group"] = "query",
+        allocation: Literal["uniform", "global"] = "uniform",
+        round_to: int = 1,
+        min_keep: float = 0.1,
+        reversed_of: str = "amp",
+        seed: int = 0,
+        at_epoch: int | None = None,
+        calibration: DataLoader | None = None,
+        calibration_batches: int | None = None,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__(at_epoch, calibration, calibration_batches, verbose)
+        for name, value, allowed in (
+            ("criterion", criterion, WIDTH_CRITERIA),
+            ("gqa", gqa, GQA_MODES),
+            ("allocation", allocation, ALLOCATIONS),
+            ("of", of, AMOUNT_OF),
+        ):
+            if value not in allowed:
+                raise MisconfigurationException(f"`{name}` must be one of {list(allowed)}, got {value!r}")
+        if reversed_of not in WIDTH_CRITERIA or reversed_of == "reversed":
+            negatable = [c for c in WIDTH_CRITERIA if c != "reversed"]
+            raise MisconfigurationException(f"`reversed_of` must be one of {negatable}, got {reversed_of!r}")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            raise MisconfigurationException(f"`amount` must be a fraction in (0, 1) or an int >= 1, got {amount!r}")
+        if isinstance(amount, float) and not 0.0 < amount < 1.0:
+            raise MisconfigurationException(
+                f"`amount` must be a fraction of the parameters in (0, 1) (or an int count), got {amount!r}"
+            )
+        if isinstance(amount, int) and amount < 1:
+            raise MisconfigurationException(f"`amount` as a parameter count must be >= 1, got {amount!r}")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise MisconfigurationException(f"`round_to` must be an int >= 1, got {round_to!r}")
+        if not 0.0 < min_keep <= 1.0:
+            raise MisconfigurationException(f"`min_keep` must be in (0, 1], got {min_keep!r}")
+        self.criterion = criterion
+        self.amount = amount
+        self.of = of
+        self.gqa = gqa
+        self.allocation = allocation
+        self.round_to = round_to
+        self.min_keep = min_keep
+        self.reversed_of = reversed_of
+        self.seed = seed
+        self.last_scores: WidthScores | None = None
+        """The head and neuron scores of the last pruning step."""
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes several WidthPruning callbacks in one checkpoint."""
+        return self._generate_state_key(criterion=self.criterion, amount=self.amount, at_epoch=self.at_epoch)
+
+    @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        """Fail before any calibration if the model family is unsupported or the budget cannot be met.
+
+        The budget is checked with a dry-run allocation on placeholder scores (the model is only read), so an
+        amount that would empty a block fails here, not after the calibration pass.
+        """
+        model = unwrap(pl_module)
+        adapter_for(model)
+        try:
+            self.plan_for(model, random_scores(model, seed=0))
+        except ValueError as err:
+            raise MisconfigurationException(f"WidthPruning: {err}") from None
+
+    def plan_for(self, model: torch.nn.Module, scores: WidthScores) -> PruningPlan:
+        """The plan this callback's budget and allocation make from ``scores`` (the model is only read)."""
+        return make_width_plan(
+            model,
+            scores,
+            self.amount,
+            of=self.of,
+            gqa=self.gqa,
+            allocation=self.allocation,
+            round_to=self.round_to,
+            min_keep=self.min_keep,
+            method=f"width:{self.criterion}",
+            meta={"calibration_batches": self.calibration_batches, "seed": self.seed, "reversed_of": self.reversed_of},
+        )
+
+    @override
+    def prune(self, pl_module: pl.LightningModule, calibration: DataLoader) -> PruningPlan:
+        """Score heads and neurons on ``calibration``, cut the lowest under the budget, and return the plan."""
+        self.check_model(pl_module)
+        model = unwrap(pl_module)
+        start = time.perf_counter()
+        scores = score_width(
+            model,
+            calibration,
+            self.criterion,
+            reversed_of=self.reversed_of,
+            seed=self.seed,
+            max_batches=self.calibration_batches,
+            progress=self.verbose > 0,
+        )
+        seconds = time.perf_counter() - start
+        self.last_scores = scores
+        plan = self.plan_for(model, scores)
+        plan.meta["scoring_seconds"] = seconds
+        record = getattr(pl_module, "apply_plan", None)
+        if callable(record):
+            record(plan)  # CausalLMModule: applies and remembers the plan for checkpoint reloads
+        else:
+            apply_plan(model, plan)
+        if self.verbose:
+            heads = sum(len(k) for k in (plan.keep_heads or {}).values())
+            rank_zero_info(
+                f"WidthPruning ({self.criterion}, gqa={self.gqa}, {self.allocation}): params {plan.params_before:,} -> "
+                f"{plan.params_after:,} ({100 * (plan.fraction_removed or 0):.1f}% removed); "
+                f"{len(plan.keep_heads or {})} blocks lost heads ({heads} kept there), "
+                f"{len(plan.keep_neurons or {})} blocks lost neurons; scoring took {seconds:.1f} s"
+            )
+        if self.verbose > 1:
+            for b, shape in enumerate(_widths(model)):
+                rank_zero_info(f"WidthPruning block {b:2d}: {shape}")
+        return plan
+
+    @override
+    def metrics_to_log(self, plan: PruningPlan) -> dict[str, float]:
+        """Parameters after pruning and, per block, the heads and neurons kept."""
+        metrics = super().metrics_to_log(plan)
+        heads_before = plan.heads_before or ()
+        neurons_before = plan.neurons_before or ()
+        for b, width in enumerate(heads_before):
+            metrics[f"width/heads/block_{b:02d}"] = float(len((plan.keep_heads or {}).get(b, range(width))))
+        for b, width in enumerate(neurons_before):
+            metrics[f"width/neurons/block_{b:02d}"] = float(len((plan.keep_neurons or {}).get(b, range(width))))
+        return metrics
+
+
+def _widths(model: torch.nn.Module) -> list[str]:
+    adapter = adapter_for(model)
+    return [
+        f"{a.num_heads} heads / {a.num_kv_heads} KV, {m.intermediate_size} neurons"
+        for a, m in zip(adapter.attentions(model), adapter.mlps(model))
+    ]
