@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench bench-depth clean
+.PHONY: setup demo test test-slow lint bench bench-depth bench-width clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ bench: $(STAMP)
 
 bench-depth: $(STAMP)
 	$(PY) benchmarks/depth.py --json benchmarks/depth_results.json
+
+bench-width: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps torch-pruning==1.6.1
+	$(PY) benchmarks/width.py --json benchmarks/width_results.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Third-party baselines compared against lit_prune (optional dependencies, imported lazily)."""
