@@ -52,9 +52,9 @@ from lit_prune.plan import PruningPlan, _as_index
 
 log = logging.getLogger(__name__)
 
-_GQA_MODES = ("group", "query")
-_ALLOCATIONS = ("global", "uniform")
-_OF = ("non_embedding", "total")
+_GQA_MODES = ("query", "group")
+_ALLOCATIONS = ("uniform", "global")
+_OF = ("total", "non_embedding")
 _EPS = 1e-9
 """Slack for ``ceil(fraction * n)`` so that e.g. ``ceil(0.3 * 10)`` is 3, not 4."""
 
@@ -132,19 +132,14 @@ def params_to_remove(model: nn.Module, amount: float | int, of: Literal["total",
     """
     if of not in _OF:
         raise ValueError(f"`of` must be one of {list(_OF)}, got {of!r}")
+    _check_amount(amount)
     as_int = _as_index(amount)
-    if isinstance(amount, bool) or (as_int is None and not isinstance(amount, Real)):
-        raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
     adapter = adapter_for(model)
     prunable = sum(_prunable_params(adapter, model))
     if as_int is not None:
-        if as_int < 1:
-            raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
         removed = as_int
     else:
         fraction = float(amount)
-        if not 0.0 < fraction < 1.0:  # also rejects NaN
-            raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
         base = adapter.total_params(model) if of == "total" else adapter.non_embedding_params(model)
         removed = _round_half_up(fraction * base)
         if removed < 1:
@@ -155,6 +150,29 @@ def params_to_remove(model: nn.Module, amount: float | int, of: Literal["total",
             f"only {prunable:,}; width pruning can remove fewer than that"
         )
     return removed
+
+
+def _check_amount(amount: object) -> None:
+    """``ValueError`` unless ``amount`` is a float in (0, 1) or an int >= 1 (numpy scalars accepted, bools not)."""
+    as_int = _as_index(amount)
+    if isinstance(amount, bool) or (as_int is None and not isinstance(amount, Real)):
+        raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
+    if as_int is not None and as_int < 1:
+        raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
+    if as_int is None and not 0.0 < float(amount) < 1.0:  # type: ignore[arg-type]  # also rejects NaN
+        raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
+
+
+def check_width_options(
+    amount: object, *, of: object, gqa: object, allocation: object, round_to: object, min_keep: object
+) -> None:
+    """Validate every :func:`make_width_plan` option that does not depend on the model.
+
+    Raises:
+        ValueError: naming the first bad option, the value received and what is allowed.
+    """
+    _check_amount(amount)
+    _check_options(gqa, allocation, of, round_to, min_keep)
 
 
 def uniform_ratio(model: nn.Module, num_params: int) -> float:
@@ -300,11 +318,28 @@ def _mlp_removed(blocks: Sequence[_Block], kept: Sequence[int]) -> int:
 
 
 def _uniform_units(blocks: Sequence[_Block], limits: _Limits, gqa: str, p: float) -> list[int]:
-    """AMP heads: ``round(p * units)`` units per block, capped at the block's limit."""
+    """AMP heads: ``round(p * units)`` units per block.
+
+    Raises:
+        ValueError: if that count would leave a block with fewer heads than ``min_keep`` allows (with the default
+            ``min_keep``: every head of a KV group, or every group). Nothing is capped silently.
+    """
     counts = []
-    for block, cap in zip(blocks, limits.head_caps):
-        units = block.num_groups if _by_groups(block, gqa) else block.group_size
-        counts.append(min(_round_half_up(p * units), cap))
+    for b, (block, cap) in enumerate(zip(blocks, limits.head_caps)):
+        grouped = _by_groups(block, gqa)
+        units = block.num_groups if grouped else block.group_size
+        count = _round_half_up(p * units)
+        if count > cap:
+            what = (
+                f"{count} of its {units} KV groups"
+                if grouped
+                else f"{count} of the {units} query heads of each KV group"
+            )
+            raise ValueError(
+                f"The uniform ratio p={p:.3f} would remove {what} in block {b}, leaving fewer heads than `min_keep` "
+                f"allows (at most {cap} may go); lower `amount`, use allocation='global', or lower `min_keep`"
+            )
+        counts.append(count)
     return counts
 
 
@@ -527,6 +562,13 @@ def make_width_plan(
     else:
         kept_neurons = _global_neurons(blocks, scores.neurons, limits, round_to, mlp_target)
     removed = attn_removed + _mlp_removed(blocks, kept_neurons)
+    if removed == 0:
+        cheapest = min(min(b.neuron_cost * round_to for b in blocks), min(limits.unit_costs))
+        raise ValueError(
+            f"`amount`={amount!r} ({target:,} parameters) is below the smallest unit that can go ({cheapest:,} "
+            f"parameters with round_to={round_to}), so nothing would be removed; give a larger count, or a float "
+            "in (0, 1) for a fraction"
+        )
 
     keep_heads = {b: _kept_heads(scores.heads[b], blk, gqa, u) for b, (blk, u) in enumerate(zip(blocks, units)) if u}
     keep_neurons = {

@@ -5,9 +5,11 @@
   built on it) loads.
 * Non-uniform widths (global allocation): ``config.json`` also holds the per-block widths
   (:data:`lit_prune.shapes.LAYER_SHAPES_KEY`) and the weights keep their real, smaller shapes. Load it with
-  :func:`load_pretrained`, which builds each block at its recorded width before the weights go in. Plain
-  ``from_pretrained`` builds every block at the global width and stops with transformers' "size mismatch" error
-  (it does not load silently wrong weights).
+  :func:`load_pretrained`, which builds each block at its recorded width before the weights go in. Its
+  ``model_type`` is rewritten to a name no transformers class has, which says to use :func:`load_pretrained`
+  (the real one is kept under :data:`MODEL_TYPE_KEY`), so plain ``from_pretrained``, ``AutoConfig`` and tools built
+  on them stop at once with that message instead of building full-width blocks (and, with
+  ``ignore_mismatched_sizes=True``, silently re-initialising the pruned ones).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lit_prune.arch import unwrap
@@ -33,6 +36,16 @@ from lit_prune.shapes import (
 )
 
 log = logging.getLogger(__name__)
+
+MODEL_TYPE_KEY = "lit_prune_model_type"
+"""``config.json`` key holding the real ``model_type`` of a checkpoint that only :func:`load_pretrained` can load."""
+
+_GUARD_TYPE = "{model_type} pruned by lit-prune with non-uniform widths: load it with lit_prune.load_pretrained"
+"""The ``model_type`` written in its place: transformers quotes it in its "does not recognize this architecture"
+error."""
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download", "proxies")
+"""``from_pretrained`` arguments that also decide which ``config.json`` is read."""
 
 PLANS_FILE = "pruning_plans.json"
 """Written next to the weights by :func:`save_pretrained` when plans are given: the plans that made the model."""
@@ -75,7 +88,10 @@ def save_pretrained(
         tokenizer.save_pretrained(out)
     if plans:
         (out / PLANS_FILE).write_text(json.dumps([p.to_dict() for p in plans], indent=2) + "\n")
-    how = "AutoModelForCausalLM.from_pretrained" if loads_without_lit_prune(hf_model) else "lit_prune.load_pretrained"
+    stock = loads_without_lit_prune(hf_model)
+    if not stock:
+        _guard_config(out / "config.json")
+    how = "AutoModelForCausalLM.from_pretrained" if stock else "lit_prune.load_pretrained"
     log.info("Saved %s to %s (reload with %s)", type(hf_model).__name__, out, how)
     return out
 
@@ -110,7 +126,17 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
         >>> load_pretrained(folder).model.layers[0].mlp.down_proj.in_features
         8
     """
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(str(path))
+    config = kwargs.pop("config", None)
+    if config is None:
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config_dict, _ = PretrainedConfig.get_config_dict(str(path), **hub)
+        real_type = config_dict.pop(MODEL_TYPE_KEY, None)
+        if real_type is None and LAYER_SHAPES_KEY not in config_dict:
+            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        config_dict["model_type"] = real_type or config_dict["model_type"]
+        if config_dict["model_type"] not in CONFIG_MAPPING:
+            raise ValueError(f"Unknown model_type {config_dict['model_type']!r} in {path}/config.json")
+        config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     shapes = shapes_from_config(config)
     if shapes is None:
         return AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
@@ -126,6 +152,14 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     model.__class__ = base  # the subclass only changed construction; users get the stock class
     log.info("Loaded %s with per-block widths from %s", base.__name__, LAYER_SHAPES_KEY)
     return model
+
+
+def _guard_config(config_file: Path) -> None:
+    """Swap the saved ``model_type`` for one that tells plain transformers to use :func:`load_pretrained`."""
+    data = json.loads(config_file.read_text())
+    data[MODEL_TYPE_KEY] = data["model_type"]
+    data["model_type"] = _GUARD_TYPE.format(model_type=data["model_type"])
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _with_shapes(base: type[PreTrainedModel], shapes: list[BlockShape]) -> type[PreTrainedModel]:

@@ -27,8 +27,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 log = logging.getLogger(__name__)
 
-PLAN_FORMAT_VERSION = 1
-"""Written to every plan's JSON as ``"version"``; bumped when the meaning of an existing field changes."""
+PLAN_FORMAT_VERSION = 2
+"""Written to every plan's JSON as ``"version"``; bumped when a field is added that changes what a plan does or the
+meaning of an existing field changes (2: ``keep_heads`` / ``keep_neurons``, width pruning)."""
 
 
 def _as_index(value: object) -> int | None:
@@ -320,6 +321,13 @@ class PruningPlan:
         known = {f.name for f in fields(cls)}
         version = data.get("version", PLAN_FORMAT_VERSION)
         unknown = sorted(k for k in data if k not in known and k != "version")
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > PLAN_FORMAT_VERSION
+        if unknown and newer:
+            raise ValueError(
+                f"This plan (format version {version}) has fields {unknown} that this lit-prune (format version "
+                f"{PLAN_FORMAT_VERSION}) cannot apply; applying the rest would build a different model. Upgrade "
+                "lit-prune to replay it."
+            )
         if unknown:
             rank_zero_warn(
                 f"Ignoring unknown PruningPlan keys {unknown} (plan format version {version!r}; this lit-prune "

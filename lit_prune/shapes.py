@@ -67,13 +67,14 @@ def sync_config(model: nn.Module) -> list[BlockShape]:
     shapes = block_shapes(model)
     if cfg is None or not shapes:
         return shapes
+    checkable = _config_valid(cfg)  # a config that fails its own checks already is not second-guessed below
     cfg.head_dim = adapter.head_dim(model)
     if is_uniform(shapes):
         first = shapes[0]
         cfg.num_attention_heads = first.num_attention_heads
         cfg.num_key_value_heads = first.num_key_value_heads
         cfg.intermediate_size = first.intermediate_size
-        if _config_valid(cfg):
+        if not checkable or _config_valid(cfg):
             if LAYER_SHAPES_KEY in cfg.__dict__:
                 delattr(cfg, LAYER_SHAPES_KEY)
             return shapes

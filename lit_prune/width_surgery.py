@@ -59,13 +59,15 @@ def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Ten
     if cols is not None:
         weight = weight.index_select(1, cols.to(weight.device))
     out_features, in_features = weight.shape
-    new = nn.Linear(in_features, out_features, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
-    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    # built on the meta device (no init of a weight that is replaced at once), then given the sliced tensors
+    new = nn.Linear(in_features, out_features, bias=linear.bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(
+        weight if rows is not None or cols is not None else weight.clone(), requires_grad=linear.weight.requires_grad
+    )
     if linear.bias is not None:
         bias = linear.bias.detach()
-        if rows is not None:
-            bias = bias.index_select(0, rows.to(bias.device))
-        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
+        bias = bias.index_select(0, rows.to(bias.device)) if rows is not None else bias.clone()
+        new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
     new.train(linear.training)
     return new
 

@@ -322,9 +322,9 @@ def test_make_width_plan_logs(caplog: pytest.LogCaptureFixture) -> None:
 def _bad_calls() -> list[tuple[dict[str, object], str]]:
     ok_heads, ok_neurons = (torch.ones(4),) * 4, (torch.ones(96),) * 4
     return [
-        ({"gqa": "kv"}, r"`gqa` must be one of \['group', 'query'\], got 'kv'"),
-        ({"allocation": "owl"}, r"`allocation` must be one of \['global', 'uniform'\], got 'owl'"),
-        ({"of": "embedding"}, r"`of` must be one of \['non_embedding', 'total'\], got 'embedding'"),
+        ({"gqa": "kv"}, r"`gqa` must be one of \['query', 'group'\], got 'kv'"),
+        ({"allocation": "owl"}, r"`allocation` must be one of \['uniform', 'global'\], got 'owl'"),
+        ({"of": "embedding"}, r"`of` must be one of \['total', 'non_embedding'\], got 'embedding'"),
         ({"round_to": 0}, r"`round_to` must be an int >= 1, got 0"),
         ({"round_to": 2.0}, r"`round_to` must be an int >= 1, got 2.0"),
         ({"round_to": True}, r"`round_to` must be an int >= 1, got True"),

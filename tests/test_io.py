@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 from conftest import tiny_config
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from lit_prune import CausalLMModule, load_pretrained, save_pretrained
-from lit_prune.io import PLANS_FILE
+from lit_prune.io import MODEL_TYPE_KEY, PLANS_FILE
 from lit_prune.plan import PruningPlan
 from lit_prune.shapes import LAYER_SHAPES_KEY, block_shapes
 from lit_prune.surgery import apply_plan
@@ -34,6 +34,7 @@ def test_nonuniform_round_trip_through_load_pretrained(tmp_path, tied, tiny_toke
     folder = save_pretrained(model, tmp_path / "pruned", tokenizer=tiny_tokenizer, plans=[NONUNIFORM])
     saved = json.loads((folder / "config.json").read_text())
     assert len(saved[LAYER_SHAPES_KEY]) == 4 and saved["head_dim"] == 24
+    assert "load_pretrained" in saved["model_type"]
     assert PruningPlan.from_dict(json.loads((folder / PLANS_FILE).read_text())[0]) == NONUNIFORM
     assert (folder / "tokenizer.json").is_file()
 
@@ -51,12 +52,18 @@ def test_nonuniform_round_trip_through_load_pretrained(tmp_path, tied, tiny_toke
     assert again2.dtype == torch.bfloat16 and block_shapes(again2) == block_shapes(model)
 
 
-def test_plain_from_pretrained_refuses_nonuniform(tmp_path):
+def test_plain_transformers_refuses_nonuniform_and_names_load_pretrained(tmp_path):
     model = LlamaForCausalLM(tiny_config())
     apply_plan(model, NONUNIFORM)
     folder = save_pretrained(model, tmp_path / "pruned")
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        AutoModelForCausalLM.from_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved[MODEL_TYPE_KEY] == "llama"
+    for load in (AutoModelForCausalLM.from_pretrained, AutoConfig.from_pretrained):
+        with pytest.raises(ValueError, match=r"load it with lit_prune\.load_pretrained"):
+            load(folder)
+    # a folder written by transformers' own save_pretrained still loads through load_pretrained
+    model.save_pretrained(tmp_path / "hf")
+    assert block_shapes(load_pretrained(tmp_path / "hf")) == block_shapes(model)
 
 
 def test_uniform_save_is_a_stock_checkpoint(tmp_path):

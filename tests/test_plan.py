@@ -81,10 +81,16 @@ def test_from_dict_reads_old_and_new_formats():
     assert old == PruningPlan(drop_layers=(2,), num_layers=4)
     assert old.meta == {} and old.scores is None
     assert PruningPlan.from_dict({"drop_layers": [2], "meta": None}).meta == {}
-    # a newer plan: unknown keys are ignored with a warning
+    # unknown keys of a plan of this version are ignored with a warning
+    same = _plan().to_dict() | {"note": "hand-edited"}
+    with pytest.warns(UserWarning, match=r"Ignoring unknown PruningPlan keys \['note'\]"):
+        assert PruningPlan.from_dict(same) == _plan()
+    # a newer plan with fields this version cannot apply is refused (applying the rest would build another model)
     newer = _plan().to_dict() | {"sparsity": {"0": 0.5}, "version": PLAN_FORMAT_VERSION + 1}
-    with pytest.warns(UserWarning, match=r"Ignoring unknown PruningPlan keys \['sparsity'\]"):
-        assert PruningPlan.from_dict(newer) == _plan()
+    with pytest.raises(ValueError, match=r"format version 3\) has fields \['sparsity'\] that this lit-prune"):
+        PruningPlan.from_dict(newer)
+    # version 1 plans (depth only) still load
+    assert PruningPlan.from_dict(_plan().to_dict() | {"version": 1}) == _plan()
 
 
 def test_plan_misconfiguration(tmp_path):

@@ -13,19 +13,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lit_prune.allocation import make_width_plan
+from lit_prune.allocation import check_width_options, make_width_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback
 from lit_prune.criteria.width import WIDTH_CRITERIA, WidthScores, random_scores, score_width
 from lit_prune.plan import PruningPlan
 from lit_prune.surgery import apply_plan
+from lit_prune.width_surgery import check_width_keep
 
 log = logging.getLogger(__name__)
 
 WidthCriterion = Literal["amp", "amp_act", "magnitude", "wanda_sp", "random", "reversed"]
-GQA_MODES = ("query", "group")
-ALLOCATIONS = ("uniform", "global")
-AMOUNT_OF = ("total", "non_embedding")
 
 
 class WidthPruning(PruningCallback):
@@ -38,9 +36,10 @@ class WidthPruning(PruningCallback):
     wrapper and the optimizers, and writes the plan as JSON next to the checkpoints.
 
     Args:
-        criterion: ``amp`` (mean L1 of each head's o_proj contribution, mean |activation| of each neuron),
-            ``magnitude`` (weight norms), ``wanda_sp`` (|W|·‖x‖ summed over the unit's weights), and the controls
-            ``random`` (seeded) and ``reversed`` (of ``reversed_of``).
+        criterion: ``amp`` (mean L1 norm of each head's and neuron's contribution to the block output),
+            ``amp_act`` (the AMP paper code: neurons by mean |activation| only), ``magnitude`` (weight norms),
+            ``wanda_sp`` (|W|·‖x‖ summed over the unit's weights), and the controls ``random`` (seeded) and
+            ``reversed`` (of ``reversed_of``).
         amount: a fraction in (0, 1) of the parameters counted by ``of``, or an int: parameters to remove.
         of: ``"total"`` (all parameters, embeddings included) or ``"non_embedding"``.
         gqa: ``"query"`` removes the same number of query heads from every KV group (k/v kept; a uniform result
@@ -48,7 +47,8 @@ class WidthPruning(PruningCallback):
         allocation: ``"uniform"`` (AMP: the same ratio in every block) or ``"global"`` (scores normalised per
             block and ranked across blocks; every block keeps at least ``min_keep``).
         round_to: kept MLP widths are multiples of this (e.g. 8 or 64, for hardware-friendly matmuls).
-        min_keep: the smallest fraction of heads and neurons a block keeps under ``global`` allocation.
+        min_keep: the smallest fraction of heads and neurons any block keeps (both allocations; a uniform ratio
+            that would go below it is an error, global allocation stops at it).
         reversed_of: the criterion that ``reversed`` negates.
         seed: seed of ``random``.
         at_epoch: prune at the start of this epoch; None prunes on fit start.
@@ -85,29 +85,15 @@ class WidthPruning(PruningCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__(at_epoch, calibration, calibration_batches, verbose)
-        for name, value, allowed in (
-            ("criterion", criterion, WIDTH_CRITERIA),
-            ("gqa", gqa, GQA_MODES),
-            ("allocation", allocation, ALLOCATIONS),
-            ("of", of, AMOUNT_OF),
-        ):
-            if value not in allowed:
-                raise MisconfigurationException(f"`{name}` must be one of {list(allowed)}, got {value!r}")
+        if criterion not in WIDTH_CRITERIA:
+            raise MisconfigurationException(f"`criterion` must be one of {list(WIDTH_CRITERIA)}, got {criterion!r}")
         if reversed_of not in WIDTH_CRITERIA or reversed_of == "reversed":
             negatable = [c for c in WIDTH_CRITERIA if c != "reversed"]
             raise MisconfigurationException(f"`reversed_of` must be one of {negatable}, got {reversed_of!r}")
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)):
-            raise MisconfigurationException(f"`amount` must be a fraction in (0, 1) or an int >= 1, got {amount!r}")
-        if isinstance(amount, float) and not 0.0 < amount < 1.0:
-            raise MisconfigurationException(
-                f"`amount` must be a fraction of the parameters in (0, 1) (or an int count), got {amount!r}"
-            )
-        if isinstance(amount, int) and amount < 1:
-            raise MisconfigurationException(f"`amount` as a parameter count must be >= 1, got {amount!r}")
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise MisconfigurationException(f"`round_to` must be an int >= 1, got {round_to!r}")
-        if not 0.0 < min_keep <= 1.0:
-            raise MisconfigurationException(f"`min_keep` must be in (0, 1], got {min_keep!r}")
+        try:
+            check_width_options(amount, of=of, gqa=gqa, allocation=allocation, round_to=round_to, min_keep=min_keep)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
         self.criterion = criterion
         self.amount = amount
         self.of = of
@@ -133,7 +119,13 @@ class WidthPruning(PruningCallback):
         amount that would empty a block fails here, not after the calibration pass.
         """
         model = unwrap(pl_module)
-        adapter_for(model)
+        adapter = adapter_for(model)
+        everything = {b: range(a.num_heads) for b, a in enumerate(adapter.attentions(model))}
+        neurons = {b: range(m.intermediate_size) for b, m in enumerate(adapter.mlps(model))}
+        try:
+            check_width_keep(model, everything, neurons)  # plain nn.Linear projections (LoRA merged) everywhere
+        except TypeError as err:
+            raise MisconfigurationException(f"WidthPruning: {err}") from None
         try:
             self.plan_for(model, random_scores(model, seed=0))
         except ValueError as err:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from lit_prune import CausalLMModule, load_pretrained, save_pretrained
 from lit_prune.arch import adapter_for
 from lit_prune.callbacks import WidthPruning
-from lit_prune.shapes import block_shapes
+from lit_prune.shapes import block_shapes, loads_without_lit_prune
 
 HD = 24
 ZERO_HEADS = (1, 3)  # one query head in each of the two KV groups
@@ -124,6 +124,7 @@ def test_save_and_reload_after_fit(tmp_path):
         callback = WidthPruning(criterion="amp", amount=0.25, allocation=allocation, calibration=_loader(), verbose=0)
         _trainer(tmp_path, [callback], max_steps=1).fit(module, train_dataloaders=_loader(seed=1))
         model.eval()
+        assert loads_without_lit_prune(model) == (allocation == "uniform")
         folder = save_pretrained(model, tmp_path / allocation)
         again = loader(folder).eval()
         with torch.no_grad():
@@ -133,10 +134,10 @@ def test_save_and_reload_after_fit(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(amount=0.0), r"`amount` must be a fraction of the parameters in \(0, 1\)"),
-        (dict(amount=1.0), r"`amount` must be a fraction of the parameters in \(0, 1\)"),
-        (dict(amount=-5), r"`amount` as a parameter count must be >= 1, got -5"),
-        (dict(amount=True), r"`amount` must be a fraction in \(0, 1\) or an int >= 1, got True"),
+        (dict(amount=0.0), r"`amount` must be a float in \(0, 1\) or an int >= 1, got 0.0"),
+        (dict(amount=1.0), r"`amount` must be a float in \(0, 1\) or an int >= 1, got 1.0"),
+        (dict(amount=-5), r"`amount` must be a float in \(0, 1\) or an int >= 1, got -5"),
+        (dict(amount=True), r"`amount` must be a float in \(0, 1\) or an int >= 1, got True"),
         (dict(gqa="kv"), r"`gqa` must be one of \['query', 'group'\], got 'kv'"),
         (
             dict(criterion="l1"),
@@ -144,6 +145,9 @@ def test_save_and_reload_after_fit(tmp_path):
         ),
         (dict(allocation="owl"), r"`allocation` must be one of \['uniform', 'global'\]"),
         (dict(round_to=0), r"`round_to` must be an int >= 1, got 0"),
+        (dict(min_keep=0.0), r"`min_keep` must be a number in \(0, 1\], got 0.0"),
+        (dict(of="embedding"), r"`of` must be one of \['total', 'non_embedding'\], got 'embedding'"),
+        (dict(criterion="reversed", reversed_of="reversed"), r"`reversed_of` must be one of \['amp', 'amp_act'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, message):
@@ -156,6 +160,25 @@ def test_unreachable_budget_fails_in_setup_before_anything_changes(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     callback = WidthPruning(criterion="amp", amount=0.95, calibration=_loader(), verbose=0)
     with pytest.raises(MisconfigurationException, match=r"WidthPruning: "):
+        _trainer(tmp_path, [callback]).fit(CausalLMModule(model=model), train_dataloaders=_loader(seed=1))
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state) and not callback.plans
+
+
+@pytest.mark.parametrize(
+    ("model_kwargs", "amount", "message"),
+    [
+        # p = 0.76: round(0.76 * 2) would take both query heads of every KV group
+        (dict(intermediate_size=1024), 0.75, r"would remove 2 of the 2 query heads of each KV group in block 0"),
+        (dict(), 1, r"below the smallest unit that can go"),
+    ],
+)
+def test_targets_that_cannot_be_met_fail_in_setup(tmp_path, model_kwargs, amount, message):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(**model_kwargs))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = WidthPruning(criterion="amp", amount=amount, calibration=_loader(), verbose=0)
+    with pytest.raises(MisconfigurationException, match=message):
         _trainer(tmp_path, [callback]).fit(CausalLMModule(model=model), train_dataloaders=_loader(seed=1))
     after = model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state) and not callback.plans
