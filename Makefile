@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench bench-depth bench-width clean
+.PHONY: setup demo test test-slow lint bench bench-depth bench-width bench-frontier clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lit-prune eval --config configs/smollm2.yaml
+	$(VENV)/bin/lit-prune demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lit_prune tests benchmarks
@@ -40,6 +40,10 @@ bench-depth: $(STAMP)
 bench-width: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps torch-pruning==1.6.1
 	$(PY) benchmarks/width.py --json benchmarks/width_results.json
+
+bench-frontier: $(STAMP)
+	$(PY) -m pip install --quiet "matplotlib>=3.8"
+	$(PY) benchmarks/frontier.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

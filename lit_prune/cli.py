@@ -30,7 +30,7 @@ from lit_prune.shapes import loads_without_lit_prune
 log = logging.getLogger(__name__)
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
-OWN_SUBCOMMANDS = ("eval", "prune")
+OWN_SUBCOMMANDS = ("eval", "prune", "demo")
 _NO_TEXT_HINT = (
     "Point it at text with --data.val_path FILE (.txt/.raw/.jsonl/.parquet) or an HF dataset name "
     "(--data.val_path wikitext --data.dataset_config wikitext-2-raw-v1 --data.val_split test)."
@@ -121,9 +121,9 @@ def run_prune(args: list[str]) -> list[PruningPlan]:
     module.to(cli.trainer.strategy.root_device)
     plans = []
     for callback in callbacks:
-        plan = callback.prune(module, callback.calibration_loader(data))
-        callback.plans.append(plan.to_dict())
-        plans.append(plan)
+        applied = callback.prune_all(module, callback.calibration_loader(data))
+        callback.plans.extend(plan.to_dict() for plan in applied)
+        plans.extend(applied)
     output = save_pretrained(module.model, cli.config["output"], tokenizer=module.tokenizer, plans=plans)
     first, last = plans[0], plans[-1]
     stock = loads_without_lit_prune(module.model)
@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] == "prune":
         run_prune(argv[1:])
+        return
+    if argv and argv[0] == "demo":
+        from lit_prune.demo import run_demo
+
+        print(run_demo(argv[1:]))
         return
     if argv and not argv[0].startswith("-") and argv[0] not in TRAINER_SUBCOMMANDS:
         commands = ", ".join((*TRAINER_SUBCOMMANDS, *OWN_SUBCOMMANDS))

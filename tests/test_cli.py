@@ -181,3 +181,36 @@ def test_prune_subcommand_saves_a_reloadable_model(tmp_path, tiny_model_dir, tex
 def test_prune_subcommand_needs_a_pruning_callback(tmp_path, tiny_model_dir, text_file):
     with pytest.raises(SystemExit, match="no pruning callback under `trainer.callbacks`"):
         run_prune(["--config", str(_tiny_yaml(tmp_path, tiny_model_dir, text_file))])
+
+
+@pytest.mark.parametrize(
+    ("callback", "init_args"),
+    [
+        ("WidthPruning", {"criterion": "amp", "amount": 0.2, "allocation": "global"}),
+        ("MixtureOfPruners", {"target": 0.2, "proxy": "ppl"}),
+    ],
+)
+def test_prune_subcommand_with_width_and_mop(tmp_path, tiny_model_dir, text_file, callback, init_args):
+    from lit_prune import load_pretrained
+    from lit_prune.arch import adapter_for
+
+    path = _tiny_yaml(tmp_path, tiny_model_dir, text_file, calibration_windows=4)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["callbacks"] = [{"class_path": f"lit_prune.callbacks.{callback}", "init_args": init_args}]
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "pruned"
+    plans = run_prune(["--config", str(path), "--output", str(out)])
+    reloaded = load_pretrained(out)
+    assert plans[-1].params_after == adapter_for(reloaded).total_params(reloaded)
+    assert len(json.loads((out / "pruning_plans.json").read_text())) == len(plans) >= 1
+
+
+def test_demo_runs_mop_and_prints_dense_vs_pruned(fake_loading, tmp_path):
+    from lit_prune import demo
+
+    corpus = " ".join(f"word{i % 37} text{i % 11}." for i in range(4000))
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        (tmp_path / "data" / "wikitext2" / name).write_text(corpus)
+    table = demo.run_demo(["--target", "0.2", "--holdout", "2", "--output", str(tmp_path / "demo")])
+    assert "| | dense | MoP 20% |" in table and "MoP path" in table and "perplexity" in table
+    assert (tmp_path / "demo" / "config.json").is_file()

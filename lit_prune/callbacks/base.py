@@ -76,6 +76,10 @@ class PruningCallback(Callback):
         """Score, plan and apply one pruning step to ``pl_module``; return the applied plan."""
         raise NotImplementedError
 
+    def prune_all(self, pl_module: pl.LightningModule, calibration: DataLoader) -> list[PruningPlan]:
+        """Everything this callback would prune, at once and without a Trainer (``lit-prune prune``): the plans."""
+        return [self.prune(pl_module, calibration)]
+
     def check_model(self, pl_module: pl.LightningModule) -> None:
         """Raise ``MisconfigurationException`` if this callback cannot prune ``pl_module`` (nothing modified)."""
 

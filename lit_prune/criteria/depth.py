@@ -411,6 +411,49 @@ def needs_for(criteria: Iterable[str], *, consensus_of: Sequence[str] = ONE_PASS
     return needs
 
 
+def _one_pass_scores(stats: DepthStats, components: Iterable[str], n: int) -> dict[str, Tensor]:
+    """The one-pass criteria among ``components``, computed from reduced statistics (on CPU)."""
+    one_pass = {
+        "bi": lambda: bi(stats),
+        "angular": lambda: angular(stats),
+        "angular_block": lambda: angular_block(stats, n),
+        "cka": lambda: cka(stats, "last"),
+        "cka_all": lambda: cka(stats, "all"),
+    }
+    return {c: one_pass[c]().cpu() for c in components if c in one_pass}
+
+
+def scores_from_stats(
+    stats: DepthStats,
+    criterion: str,
+    *,
+    consensus_of: Sequence[str] = ONE_PASS,
+    reversed_of: str = "bi",
+    n: int = 1,
+    seed: int = 0,
+) -> Tensor:
+    """The scores of a criterion that needs no global pass, from statistics someone else collected.
+
+    For callers that collect :class:`~lit_prune.stats.DepthStats` during another pass (MoP collects them while it
+    evaluates a candidate). Use :func:`score_blocks` to collect and score in one call.
+
+    Raises:
+        ValueError: if the criterion involves a global criterion (``*_global``) or is unknown.
+    """
+    components = _components(criterion, consensus_of, reversed_of)
+    glob = [c for c in components if c in GLOBAL_CRITERIA]
+    if glob:
+        raise ValueError(f"Criterion {criterion!r} needs a global pass ({glob}); use score_blocks")
+    scores = _one_pass_scores(stats, components, n)
+    if "random" in components:
+        scores["random"] = random_scores(stats.num_blocks, seed)
+    if "consensus" in (criterion, reversed_of if criterion == "reversed" else None):
+        scores["consensus"] = consensus({c: scores[c] for c in components})
+    if criterion == "reversed":
+        scores["reversed"] = reversed_scores(scores[reversed_of])
+    return scores[criterion]
+
+
 def score_blocks(
     model: nn.Module,
     batches: Batches,
@@ -461,14 +504,7 @@ def score_blocks(
     scores: dict[str, Tensor] = {}
     if needs:
         stats = collect_depth_statistics(model, batches, needs, max_batches, progress, device).compute()
-        one_pass = {
-            "bi": lambda: bi(stats),
-            "angular": lambda: angular(stats),
-            "angular_block": lambda: angular_block(stats, n),
-            "cka": lambda: cka(stats, "last"),
-            "cka_all": lambda: cka(stats, "all"),
-        }
-        scores.update({c: one_pass[c]().cpu() for c in components if c in one_pass})
+        scores.update(_one_pass_scores(stats, components, n))
     if global_metrics:
         gstats = collect_global_statistics(model, batches, global_metrics, max_batches, progress, device).compute()
         per_candidate = {"cka_global": cka_global, "cosine_global": cosine_global, "kl_global": kl_global}

@@ -299,23 +299,13 @@ def collect_depth_statistics(
     """
     check_int("max_batches", max_batches, allow_none=True)
     adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
-    metric = DepthStatistics(len(blocks), adapter.hidden_size(model), needs)
     items, total = _iterate(batches, max_batches)
     current: dict[str, Tensor | None] = {"attention_mask": None}
-
-    def block_hook(index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            metric.update(index, _block_input(args, kwargs), _block_output(output), current["attention_mask"])
-
-        return hook
-
     seen = 0
     with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
+        metric = attach_depth_statistics(hf_model, needs, hooks, current)
         metric.to(target)
         decoder = adapter.decoder(hf_model)
-        for index, block in enumerate(blocks):
-            hooks.forward(block, block_hook(index))
         for item in tqdm(items, total=total, desc="depth statistics", disable=not progress, leave=False):
             ids, mask = _as_inputs(item)
             ids = ids.to(target)
@@ -324,7 +314,31 @@ def collect_depth_statistics(
             seen += 1
     if seen == 0:
         raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
-    log.debug("Depth statistics %s over %d batches of %d blocks", sorted(metric.needs), seen, len(blocks))
+    log.debug("Depth statistics %s over %d batches of %d blocks", sorted(metric.needs), seen, metric.num_blocks)
+    return metric
+
+
+def attach_depth_statistics(
+    model: nn.Module, needs: Iterable[str], hooks: Hooks, current: dict[str, Tensor | None]
+) -> DepthStatistics:
+    """Register, through ``hooks``, forward hooks that fill a new :class:`DepthStatistics` from ``model``'s blocks.
+
+    For callers that run the forward passes themselves (e.g. to collect statistics while evaluating something
+    else): they set ``current["attention_mask"]`` before each batch, and remove the hooks (leave the ``Hooks``
+    context) when done. The metric is sized for the blocks the model has now.
+    """
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    metric = DepthStatistics(len(blocks), adapter.hidden_size(model), needs)
+
+    def block_hook(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            metric.update(index, _block_input(args, kwargs), _block_output(output), current["attention_mask"])
+
+        return hook
+
+    for index, block in enumerate(blocks):
+        hooks.forward(block, block_hook(index))
     return metric
 
 

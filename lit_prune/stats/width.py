@@ -328,6 +328,38 @@ def collect_width_statistics(
     """
     check_int("max_batches", max_batches, allow_none=True)
     adapter = adapter_for(model)
+    items, total = _iterate(batches, max_batches)
+    current: dict[str, Tensor | None] = {"attention_mask": None}
+    seen = 0
+    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
+        metric = attach_width_statistics(hf_model, needs, hooks, current)
+        metric.to(target)
+        decoder = adapter.decoder(hf_model)
+        for item in tqdm(items, total=total, desc="width statistics", disable=not progress, leave=False):
+            ids, mask = _as_inputs(item)
+            current["attention_mask"] = None if mask is None else mask.to(target)
+            decoder(input_ids=ids.to(target), attention_mask=current["attention_mask"], use_cache=False)
+            seen += 1
+    if seen == 0:
+        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
+    log.debug("Width statistics %s over %d batches of %d blocks", sorted(metric.needs), seen, metric.num_blocks)
+    return metric.compute()
+
+
+def attach_width_statistics(
+    model: nn.Module, needs: Iterable[str], hooks: Hooks, current: dict[str, Tensor | None]
+) -> WidthStatistics:
+    """Register, through ``hooks``, forward pre-hooks that fill a new :class:`WidthStatistics` from ``model``.
+
+    For callers that run the forward passes themselves: they set ``current["attention_mask"]`` before each batch
+    and remove the hooks when done. Pre-hooks registered on the same projections *before* these (e.g. masks that
+    zero pruned heads) act first, so the statistics see what the masked model computes. Sized for the model's
+    current widths.
+
+    Raises:
+        ValueError: if a block's q_proj and o_proj widths disagree, or ``needs`` is invalid.
+    """
+    adapter = adapter_for(model)
     attentions, mlps = adapter.attentions(model), adapter.mlps(model)
     head_dim = adapter.head_dim(model)
     for b, view in enumerate(attentions):
@@ -343,8 +375,6 @@ def collect_width_statistics(
         adapter.hidden_size(model),
         needs,
     )
-    items, total = _iterate(batches, max_batches)
-    current: dict[str, Tensor | None] = {"attention_mask": None}
 
     def site_hook(block: int, site: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -353,20 +383,8 @@ def collect_width_statistics(
 
         return hook
 
-    seen = 0
-    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
-        metric.to(target)
-        decoder = adapter.decoder(hf_model)
-        for b, (attn, mlp) in enumerate(zip(attentions, mlps, strict=True)):
-            modules = {"attn_in": attn.q, "o_in": attn.o, "mlp_in": mlp.gate, "down_in": mlp.down}
-            for site in metric.sites:
-                hooks.forward_pre(modules[site], site_hook(b, site))
-        for item in tqdm(items, total=total, desc="width statistics", disable=not progress, leave=False):
-            ids, mask = _as_inputs(item)
-            current["attention_mask"] = None if mask is None else mask.to(target)
-            decoder(input_ids=ids.to(target), attention_mask=current["attention_mask"], use_cache=False)
-            seen += 1
-    if seen == 0:
-        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
-    log.debug("Width statistics %s over %d batches of %d blocks", sorted(metric.needs), seen, len(attentions))
-    return metric.compute()
+    for b, (attn, mlp) in enumerate(zip(attentions, mlps, strict=True)):
+        modules = {"attn_in": attn.q, "o_in": attn.o, "mlp_in": mlp.gate, "down_in": mlp.down}
+        for site in metric.sites:
+            hooks.forward_pre(modules[site], site_hook(b, site))
+    return metric

@@ -1,0 +1,297 @@
+"""``MixtureOfPruners``: MoP inside ``Trainer.fit``, one shot or with recovery epochs between steps, resumable."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lit_prune.arch import adapter_for, unwrap
+from lit_prune.callbacks.base import PruningCallback, rebuild_after_surgery
+from lit_prune.io import save_pretrained
+from lit_prune.mop.proxy import PROXIES
+from lit_prune.mop.search import DEPTH, MOP_DEPTH_CRITERIA, WIDTH, MoPSearch, MoPStep
+from lit_prune.plan import PruningPlan
+
+log = logging.getLogger(__name__)
+
+CSV_FIELDS = ("step", "branch", "params_before", "params_after", "proxy_depth", "proxy_width", "seconds")
+
+
+class MixtureOfPruners(PruningCallback):
+    """Prune ``target`` of all parameters by MoP: each step removes a block or heads + neurons, the proxy's choice.
+
+    The search itself is :class:`lit_prune.mop.MoPSearch`.
+
+    Schedule: the first step runs on fit start (or at the start of ``at_epoch``). With
+    ``recover_epochs_between_steps=0`` every step runs there, back to back (one shot); with ``k > 0`` one step runs
+    every ``k`` epochs and the Trainer trains the pruned model in between (statistics are then recomputed on the
+    trained weights). After each step the DDP wrapper and the optimizers are rebuilt, the plan is written as
+    ``mop-plan-N.json``, and the step (branch, parameters, both proxy values, wall time) goes to the Trainer's logger
+    and to ``mop-trajectory.csv`` next to the checkpoints. At the end of the fit the final model (pruned, and trained
+    if the fit trained it) is saved with :func:`lit_prune.save_pretrained` to ``mop-final/`` there
+    (``save_model=False`` skips it). The trajectory is the
+    callback's checkpoint state, so a resumed run continues the same path.
+
+    Args:
+        target: fraction of all parameters to remove, in (0, 1).
+        proxy: ``ppl``, ``kl`` (to the dense model), ``cosine`` (final hidden states) or ``random`` (seeded).
+        depth_criterion: how the depth candidate's block is chosen (one-pass depth criteria, or ``position``: the
+            third-to-last block, as the paper's code does).
+        gqa: GQA mode of the width candidate (``query`` or ``group``).
+        round_to: MLP widths stay multiples of this.
+        recover_epochs_between_steps: train this many epochs between steps; 0 prunes in one shot.
+        decisions: replay this decision string (``L`` depth, ``G`` width per step) instead of searching.
+        seed: seed of the ``random`` proxy.
+        save_model: save the final model to ``mop-final/`` next to the checkpoints.
+        at_epoch: the epoch of the first step; None: fit start.
+        calibration: held-out calibration windows; None uses the datamodule's ``calibration_dataloader()``.
+        calibration_batches: use at most this many calibration batches.
+        verbose: 0 silent, 1 one line per step.
+
+    Raises:
+        MisconfigurationException: for an unknown proxy, criterion or gqa mode, a target outside (0, 1), a negative
+            ``recover_epochs_between_steps``, or a decision string with letters other than ``L`` and ``G``.
+    """
+
+    name = "mop"
+
+    def __init__(
+        self,
+        target: float = 0.25,
+        proxy: str = "ppl",
+        depth_criterion: str = "bi",
+        gqa: str = "query",
+        round_to: int = 1,
+        recover_epochs_between_steps: int = 0,
+        decisions: str | None = None,
+        seed: int = 0,
+        save_model: bool = True,
+        at_epoch: int | None = None,
+        calibration: DataLoader | None = None,
+        calibration_batches: int | None = None,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__(at_epoch, calibration, calibration_batches, verbose)
+        checks = [
+            (proxy in PROXIES, f"`proxy` must be one of {list(PROXIES)}, got {proxy!r}"),
+            (
+                depth_criterion in MOP_DEPTH_CRITERIA,
+                f"`depth_criterion` must be one of {list(MOP_DEPTH_CRITERIA)}, got {depth_criterion!r}",
+            ),
+            (gqa in ("query", "group"), f"`gqa` must be one of ['query', 'group'], got {gqa!r}"),
+            (
+                not isinstance(target, bool) and isinstance(target, (int, float)) and 0.0 < float(target) < 1.0,
+                f"`target` must be a fraction of all parameters in (0, 1), got {target!r}",
+            ),
+            (
+                not isinstance(recover_epochs_between_steps, bool)
+                and isinstance(recover_epochs_between_steps, int)
+                and recover_epochs_between_steps >= 0,
+                f"`recover_epochs_between_steps` must be an int >= 0, got {recover_epochs_between_steps!r}",
+            ),
+            (
+                decisions is None or (isinstance(decisions, str) and not set(decisions) - {DEPTH, WIDTH}),
+                f"`decisions` must be a string of 'L' (depth) and 'G' (width), got {decisions!r}",
+            ),
+            (
+                not isinstance(round_to, bool) and isinstance(round_to, int) and round_to >= 1,
+                f"`round_to` must be an int >= 1, got {round_to!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MisconfigurationException(message)
+        self.target = float(target)
+        self.proxy = proxy
+        self.depth_criterion = depth_criterion
+        self.gqa = gqa
+        self.round_to = round_to
+        self.recover_epochs = recover_epochs_between_steps
+        self.decisions = decisions
+        self.seed = seed
+        self.save_model = save_model
+        self.trajectory: list[dict[str, Any]] = []
+        """Every step so far, as dicts (kept in the checkpoint)."""
+        self.finished = False
+        self._search: MoPSearch | None = None
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes several MixtureOfPruners callbacks in one checkpoint."""
+        return self._generate_state_key(target=self.target, proxy=self.proxy)
+
+    @property
+    def done(self) -> bool:
+        """Whether the target has been reached (read from the state after a resume)."""
+        return self.finished
+
+    @property
+    def path(self) -> str:
+        """The branches taken so far, e.g. ``"LGGL"``."""
+        return "".join(step["branch"] for step in self.trajectory)
+
+    # --- schedule ----------------------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_epoch is None and not self.done and not self.trajectory:
+            self._steps(trainer, pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.done:
+            return
+        first = self.at_epoch or 0
+        if not self.trajectory:
+            due = self.at_epoch is not None and trainer.current_epoch >= first
+        else:  # step i runs at the start of epoch first + i * k
+            due = self.recover_epochs > 0 and trainer.current_epoch >= first + self.recover_epochs * len(
+                self.trajectory
+            )
+        if due:
+            self._steps(trainer, pl_module)
+
+    # --- the steps -----------------------------------------------------------------------------------------------
+    def search_for(self, pl_module: pl.LightningModule, calibration: DataLoader) -> MoPSearch:
+        """The search over ``pl_module``'s model (created once; continues a restored trajectory)."""
+        if self._search is None:
+            record = getattr(pl_module, "apply_plan", None)
+            self._search = MoPSearch(
+                unwrap(pl_module),
+                calibration if self.calibration_batches is None else list(calibration)[: self.calibration_batches],
+                self.target,
+                proxy=self.proxy,
+                depth_criterion=self.depth_criterion,
+                gqa=self.gqa,
+                round_to=self.round_to,
+                decisions=self.decisions,
+                seed=self.seed,
+                apply=record if callable(record) else None,
+                progress=self.verbose > 0,
+            )
+            if self.trajectory:
+                self._search.resume_from(self.trajectory)
+        return self._search
+
+    def _steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        search = self.search_for(pl_module, self.calibration_loader(getattr(trainer, "datamodule", None)))
+        if self.recover_epochs > 0:
+            search.invalidate()  # the weights were trained since the last step
+        while not search.done():
+            step = search.step()
+            if step is None:
+                break
+            self._record(trainer, step)
+            rebuild_after_surgery(trainer)
+            if self.recover_epochs > 0:
+                break
+        if search.done():
+            self._finish(trainer, pl_module)
+
+    def _record(self, trainer: pl.Trainer, step: MoPStep) -> None:
+        self.trajectory.append(step.as_dict())
+        plan = PruningPlan.from_dict(step.plan)
+        self.plans.append(step.plan)
+        folder = self._write_plan(trainer, plan)
+        if trainer.is_global_zero and folder is not None:
+            self._append_csv(folder.parent / "mop-trajectory.csv", step)
+        if trainer.logger is not None and trainer.is_global_zero:
+            metrics = {
+                "mop/step": float(step.step),
+                "mop/branch_depth": 1.0 if step.branch == DEPTH else 0.0,
+                "mop/params": float(step.params_after),
+                "mop/seconds": step.seconds,
+            }
+            metrics.update(
+                {
+                    f"mop/proxy_{k}": v
+                    for k, v in (("depth", step.proxy_depth), ("width", step.proxy_width))
+                    if math.isfinite(v)
+                }
+            )
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        if self.verbose:
+            rank_zero_info(
+                f"MoP step {step.step}: {'depth' if step.branch == DEPTH else 'width'} "
+                f"(proxy {self.proxy}: depth {step.proxy_depth:.4g}, width {step.proxy_width:.4g}); params "
+                f"{step.params_before:,} -> {step.params_after:,}; {step.seconds:.1f} s; path {self.path}"
+            )
+
+    @staticmethod
+    def _append_csv(path: Path, step: MoPStep) -> None:
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: v for k, v in step.as_dict().items() if k in CSV_FIELDS})
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.finished = True
+        model = unwrap(pl_module)
+        total = adapter_for(model).total_params(model)
+        if self.verbose and self.trajectory:
+            start = self.trajectory[0]["params_before"]
+            rank_zero_info(
+                f"MoP reached {100 * (1 - total / start):.1f}% of parameters removed (target {100 * self.target:.1f}%)"
+                f" in {len(self.trajectory)} steps: path {self.path}"
+            )
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save the final model (pruned, and trained if the fit trained it) with its plans."""
+        if not (self.finished and self.save_model):
+            return
+        ckpt = trainer.checkpoint_callback
+        # every rank evaluates this: `trainer.log_dir` is a collective (a broadcast) under DDP
+        folder = Path(getattr(ckpt, "dirpath", None) or trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            plans = [PruningPlan.from_dict(p) for p in self.plans]
+            tokenizer = getattr(pl_module, "tokenizer", None)
+            save_pretrained(unwrap(pl_module), folder / "mop-final", tokenizer=tokenizer, plans=plans)
+
+    # --- the PruningCallback interface (used by `lit-prune prune`) --------------------------------------------------
+    @override
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        model = unwrap(pl_module)
+        if adapter_for(model).num_blocks(model) < 2:
+            raise MisconfigurationException("MoP needs a model with at least 2 blocks")
+
+    @override
+    def prune(self, pl_module: pl.LightningModule, calibration: DataLoader) -> PruningPlan:
+        """Run every step at once (one shot, no Trainer) and return the last applied plan."""
+        return self.prune_all(pl_module, calibration)[-1]
+
+    def prune_all(self, pl_module: pl.LightningModule, calibration: DataLoader) -> list[PruningPlan]:
+        """Run every step at once (one shot, no Trainer); returns the applied plans in order."""
+        self.check_model(pl_module)
+        search = self.search_for(pl_module, calibration)
+        plans = []
+        for step in search.run():
+            if step.step >= len(self.trajectory):
+                self.trajectory.append(step.as_dict())
+                plans.append(PruningPlan.from_dict(step.plan))
+        self.finished = True
+        if self.verbose:
+            rank_zero_info(f"MoP one shot: {len(plans)} steps, path {self.path}")
+        return plans
+
+    # --- checkpoint state --------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"plans": list(self.plans), "trajectory": list(self.trajectory), "finished": self.finished}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.plans = list(state_dict.get("plans", []))
+        self.trajectory = list(state_dict.get("trajectory", []))
+        self.finished = bool(state_dict.get("finished", False))
+        self._search = None

@@ -1,0 +1,77 @@
+"""Evaluate a pruning candidate without copying the model: skip a block, or zero the inputs of pruned units.
+
+Both are exact: a model with block ``i`` skipped computes what the model with block ``i`` removed computes, and
+zeroing a head's slice of the o_proj input (a neuron's entry of the down_proj input) removes exactly that unit's
+contribution, so the masked forward equals the forward after surgery. Both undo themselves on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_prune.arch import adapter_for
+from lit_prune.stats.hooks import Hooks
+
+
+@contextlib.contextmanager
+def skipping_block(model: nn.Module, index: int) -> Iterator[None]:
+    """Run ``model`` without block ``index`` inside the context (forward passes without a KV cache).
+
+    The decoder's block list is swapped for one without the block and restored on exit; nothing else changes, so
+    ``layer_idx`` values are stale inside the context: use ``use_cache=False``.
+    """
+    adapter = adapter_for(model)
+    decoder = adapter.decoder(model)
+    blocks = adapter.blocks(model)
+    if not 0 <= index < len(blocks) or len(blocks) < 2:
+        raise ValueError(f"Cannot skip block {index} of a model with {len(blocks)} blocks")
+    setattr(decoder, adapter.layers_attr, nn.ModuleList(b for i, b in enumerate(blocks) if i != index))
+    try:
+        yield
+    finally:
+        setattr(decoder, adapter.layers_attr, blocks)
+
+
+def _mask(width: int, keep: Sequence[int], repeat: int, like: torch.Tensor) -> torch.Tensor:
+    """A ``(width * repeat,)`` 0/1 vector that keeps the units ``keep`` (each ``repeat`` wide)."""
+    mask = torch.zeros(width, dtype=like.dtype, device=like.device)
+    mask[list(keep)] = 1
+    return mask.repeat_interleave(repeat)
+
+
+def _input_mask_hook(mask: torch.Tensor) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
+        if args:
+            return (args[0] * mask.to(args[0].dtype), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["input"] = kwargs["input"] * mask.to(kwargs["input"].dtype)
+        return args, kwargs
+
+    return hook
+
+
+def register_width_masks(
+    model: nn.Module,
+    keep_heads: Mapping[int, Sequence[int]],
+    keep_neurons: Mapping[int, Sequence[int]],
+    hooks: Hooks,
+) -> None:
+    """Zero the o_proj input of every head and the down_proj input of every neuron that is not kept.
+
+    Registered through ``hooks`` (removed when it closes). Register these before any statistics hooks on the same
+    projections, so that the statistics see the masked model. Blocks missing from a mapping keep every unit.
+    """
+    adapter = adapter_for(model)
+    head_dim = adapter.head_dim(model)
+    blocks = adapter.blocks(model)
+    for b, keep in keep_heads.items():
+        view = adapter.attention(blocks[b], head_dim)
+        hooks.forward_pre(view.o, _input_mask_hook(_mask(view.num_heads, keep, head_dim, view.o.weight)))
+    for b, keep in keep_neurons.items():
+        mlp = adapter.mlp(blocks[b])
+        hooks.forward_pre(mlp.down, _input_mask_hook(_mask(mlp.intermediate_size, keep, 1, mlp.down.weight)))

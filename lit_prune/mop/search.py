@@ -1,0 +1,452 @@
+"""MoP, Mixture of Pruners: at every step build a depth and a width candidate, keep the better, repeat to the target.
+
+One step (METHODS.md §3):
+
+* depth candidate: remove one block, the lowest under ``depth_criterion`` (any one-pass depth criterion, scored on
+  the current model) or, with ``"position"``, the paper code's rule: the third-to-last block;
+* width candidate: AMP at a uniform per-block ratio that removes about as many parameters as one current block;
+* both are scored by ``proxy`` on held-out calibration windows without copying the model (the depth candidate runs
+  with the block skipped, the width candidate with the pruned heads and neurons masked: both exact), the better one
+  is applied with real surgery, and the next step starts.
+
+The statistics of the next step are not recomputed from scratch: they are collected by hooks during the candidate
+passes, so the winner's pass already holds them for the pruned model (heads and neurons of a width winner are
+re-indexed). Each one-shot step therefore costs two passes over the held-out windows. :meth:`MoPSearch.invalidate`
+drops them when the weights change between steps (recovery training).
+
+The last step may be partial: when what is left of the budget is less than a block, only a width candidate of
+exactly that size is built, so the target is hit within one head/neuron granularity. A decision string (``"L"``:
+a layer, i.e. depth; ``"G"``: heads and neurons, i.e. width; e.g. ``"LGGL"``) replays a path instead of searching.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lit_prune.allocation import make_width_plan
+from lit_prune.arch import adapter_for, unwrap
+from lit_prune.criteria.depth import DEPTH_CRITERIA, GLOBAL_CRITERIA, needs_for, random_scores, scores_from_stats
+from lit_prune.criteria.width import WidthScores, amp, width_needs_for
+from lit_prune.eval._common import model_device
+from lit_prune.mop.masking import register_width_masks, skipping_block
+from lit_prune.mop.proxy import PROXIES, LossSums, batch_loss, reference_outputs
+from lit_prune.plan import PruningPlan
+from lit_prune.stats._common import Batch, _as_inputs
+from lit_prune.stats.depth import attach_depth_statistics
+from lit_prune.stats.hooks import Hooks
+from lit_prune.stats.width import attach_width_statistics
+from lit_prune.surgery import apply_plan, make_depth_plan
+
+log = logging.getLogger(__name__)
+
+DEPTH, WIDTH = "L", "G"
+"""Branch letters of a decision string: ``L`` removes a layer (depth), ``G`` heads and neurons (width)."""
+
+MOP_DEPTH_CRITERIA = tuple(c for c in DEPTH_CRITERIA if c not in GLOBAL_CRITERIA) + ("position",)
+"""Depth criteria MoP scores from the statistics it collects anyway (plus the paper code's ``position``)."""
+
+ProxyFn = Callable[[str, nn.Module], float]
+"""A custom proxy: ``proxy(branch, masked_model) -> loss`` (lower wins), called inside the candidate's context."""
+
+
+@dataclass(frozen=True)
+class MoPStep:
+    """One step of a MoP trajectory (what the callback logs and checkpoints)."""
+
+    step: int
+    branch: str
+    params_before: int
+    params_after: int
+    proxy_depth: float
+    proxy_width: float
+    seconds: float
+    plan: dict[str, Any] = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, for JSON and CSV."""
+        return asdict(self)
+
+
+@dataclass
+class _Scores:
+    """Scores of the current model: one per block (depth) and per head / neuron (width)."""
+
+    depth: Tensor | None
+    width: WidthScores
+
+
+class MoPSearch:
+    """The MoP loop over one model; the model is pruned in place, one :meth:`step` at a time.
+
+    Args:
+        model: a Hugging Face causal LM (or a wrapper); pruned in place.
+        batches: held-out calibration batches; materialised once (they are reused by every step).
+        target: fraction of ALL parameters (embeddings included) to remove, in (0, 1), counted from the model as
+            it is when the search starts.
+        proxy: ``ppl``, ``kl``, ``cosine``, ``random``, or a callable ``proxy(branch, model) -> loss``.
+        depth_criterion: one of :data:`MOP_DEPTH_CRITERIA`.
+        gqa: GQA mode of the width candidate (``query`` or ``group``).
+        round_to: MLP widths of the width candidate stay multiples of this.
+        decisions: a decision string to replay (``L``/``G`` per step) instead of searching.
+        branches: the branches to consider, ``"LG"`` (MoP); ``"L"`` or ``"G"`` give the single-branch baselines
+            (depth only / width only, iterative) without measuring any proxy. A depth-only search still ends with
+            a partial width step when less than a block is left.
+        seed: seed of the ``random`` proxy (and of the ``random`` depth criterion).
+        apply: how a chosen plan is applied (default :func:`lit_prune.surgery.apply_plan`; the callback passes
+            ``CausalLMModule.apply_plan`` so plans are recorded for checkpoints).
+        progress: log each step at INFO level.
+
+    Raises:
+        ValueError: for an unknown proxy, criterion, or gqa mode, a target outside (0, 1), a decision string with
+            other letters, or no batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Batch],
+        target: float,
+        *,
+        proxy: str | ProxyFn = "ppl",
+        depth_criterion: str = "bi",
+        gqa: str = "query",
+        round_to: int = 1,
+        decisions: str | None = None,
+        branches: str = DEPTH + WIDTH,
+        seed: int = 0,
+        apply: Callable[[PruningPlan], None] | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not callable(proxy) and proxy not in PROXIES:
+            raise ValueError(f"`proxy` must be one of {list(PROXIES)} or a callable, got {proxy!r}")
+        if depth_criterion not in MOP_DEPTH_CRITERIA:
+            raise ValueError(f"`depth_criterion` must be one of {list(MOP_DEPTH_CRITERIA)}, got {depth_criterion!r}")
+        if gqa not in ("query", "group"):
+            raise ValueError(f"`gqa` must be one of ['query', 'group'], got {gqa!r}")
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) < 1.0:
+            raise ValueError(f"`target` must be a fraction of all parameters in (0, 1), got {target!r}")
+        if not branches or set(branches) - {DEPTH, WIDTH}:
+            raise ValueError(f"`branches` must be 'LG', 'L' or 'G', got {branches!r}")
+        if decisions is not None and set(decisions) - {DEPTH, WIDTH}:
+            raise ValueError(
+                f"`decisions` must be a string of {DEPTH!r} (depth) and {WIDTH!r} (width), got {decisions!r}"
+            )
+        self.model = model
+        self.hf_model = unwrap(model)
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("MoP needs at least one held-out calibration batch, got none")
+        self.adapter = adapter_for(self.hf_model)
+        self.proxy = proxy
+        self.depth_criterion = depth_criterion
+        self.gqa = gqa
+        self.round_to = round_to
+        self.decisions = decisions
+        self.branches = branches
+        self.seed = seed
+        self.apply = apply or (lambda plan: apply_plan(self.hf_model, plan))
+        self.progress = progress
+        self.target = float(target)
+        self.params_start = self.adapter.total_params(self.hf_model)
+        self.target_removed = round(self.target * self.params_start)
+        self._stuck = False
+        self.trajectory: list[MoPStep] = []
+        self._scores: _Scores | None = None
+        self._rng = torch.Generator().manual_seed(seed)
+        self._reference: list[Tensor] = []
+        if isinstance(proxy, str) and proxy in ("kl", "cosine"):
+            with torch.no_grad():
+                self._eval_mode()
+                self._reference = reference_outputs(self.hf_model, self.batches, proxy, model_device(self.hf_model))
+
+    # --- state ---------------------------------------------------------------------------------------------------
+    @property
+    def removed(self) -> int:
+        """Parameters removed so far."""
+        return self.params_start - self.adapter.total_params(self.hf_model)
+
+    @property
+    def remaining(self) -> int:
+        """Parameters still to remove."""
+        return self.target_removed - self.removed
+
+    @property
+    def path(self) -> str:
+        """The branches taken so far, e.g. ``"LGGL"``."""
+        return "".join(s.branch for s in self.trajectory)
+
+    def done(self) -> bool:
+        """Whether the target is reached (or nothing more can be removed)."""
+        return self._stuck or self.remaining <= 0 or self._smallest_unit() > self.remaining
+
+    def invalidate(self) -> None:
+        """Forget the statistics carried over from the last step (call after the weights change)."""
+        self._scores = None
+
+    def resume_from(self, trajectory: Sequence[dict[str, Any]]) -> None:
+        """Continue a trajectory whose plans the model already carries (a run resumed from a checkpoint)."""
+        self.trajectory = [MoPStep(**entry) for entry in trajectory]
+        if trajectory:  # the budget is a fraction of the model the search started on
+            self.params_start = int(trajectory[0]["params_before"])
+            self.target_removed = round(self.target * self.params_start)
+        for _ in self.trajectory:  # keep the random proxy's stream where an uninterrupted run would have it
+            torch.rand((), generator=self._rng)
+        self._scores = None
+
+    def branch_off(self, target: float) -> MoPSearch:
+        """A search with another ``target`` on a deep copy of the current model, continuing this one's state.
+
+        Running it gives exactly what a search started with ``target`` would have ended with, as long as that
+        search would have made the same steps so far (see :meth:`full_step_fits`): used to read a whole frontier
+        (10%, 20%, ...) off one run.
+        """
+        fork = copy.copy(self)
+        fork.hf_model = copy.deepcopy(self.hf_model)
+        fork.model = fork.hf_model
+        fork.apply = lambda plan: apply_plan(fork.hf_model, plan)
+        fork.trajectory = list(self.trajectory)
+        fork._rng = torch.Generator().set_state(self._rng.get_state())
+        fork.target = float(target)
+        fork.target_removed = round(fork.target * self.params_start)
+        fork._stuck = False
+        return fork
+
+    def full_step_fits(self, target: float) -> bool:
+        """Whether a search with ``target`` would still take a full step (a whole block's worth) from here."""
+        left = round(float(target) * self.params_start) - self.removed
+        return max(self.adapter.block_params(self.hf_model)) <= left
+
+    # --- one step ------------------------------------------------------------------------------------------------
+    def step(self) -> MoPStep | None:
+        """Build the candidates, score them, apply the better; returns the recorded step.
+
+        Returns None (and :meth:`done` becomes true) when what is left of the budget is smaller than any candidate
+        can remove.
+
+        Raises:
+            RuntimeError: if the target is already reached, or a decision string asks for an impossible branch.
+        """
+        if self.done():
+            raise RuntimeError(f"MoP already reached its target ({self.removed:,} of {self.target_removed:,} removed)")
+        start = time.perf_counter()
+        scores = self._scores or self._fresh_scores()
+        before = self.adapter.total_params(self.hf_model)
+        depth_plan = self._depth_plan(scores)
+        width_plan = self._width_plan(scores, depth_plan)
+        if depth_plan is None and width_plan is None:
+            log.info("MoP stops: no candidate fits the remaining %s parameters", f"{self.remaining:,}")
+            self._stuck = True
+            return None
+
+        forced = self._forced_branch(depth_plan, width_plan)
+        values = {DEPTH: math.nan, WIDTH: math.nan}
+        carried: dict[str, _Scores] = {}
+        for branch, plan in ((DEPTH, depth_plan), (WIDTH, width_plan)):
+            if plan is None or (forced is not None and branch != forced):
+                continue
+            values[branch], carried[branch] = self._evaluate(branch, plan, measure=forced is None)
+        branch = forced or (DEPTH if values[DEPTH] <= values[WIDTH] else WIDTH)
+        plan = depth_plan if branch == DEPTH else width_plan
+        assert plan is not None
+        self.apply(plan)
+        self._scores = _carry(carried[branch], plan) if branch in carried else None
+        record = MoPStep(
+            step=len(self.trajectory),
+            branch=branch,
+            params_before=before,
+            params_after=self.adapter.total_params(self.hf_model),
+            proxy_depth=values[DEPTH],
+            proxy_width=values[WIDTH],
+            seconds=time.perf_counter() - start,
+            plan=plan.to_dict(),
+        )
+        self.trajectory.append(record)
+        if self.progress:
+            log.info(
+                "MoP step %d: %s (proxy depth %.4g, width %.4g); params %s -> %s; %.1f s",
+                record.step,
+                branch,
+                values[DEPTH],
+                values[WIDTH],
+                f"{before:,}",
+                f"{record.params_after:,}",
+                record.seconds,
+            )
+        return record
+
+    def run(self) -> list[MoPStep]:
+        """Step until the target is reached; returns the whole trajectory."""
+        while not self.done():
+            self.step()
+        return self.trajectory
+
+    # --- candidates ----------------------------------------------------------------------------------------------
+    def _depth_plan(self, scores: _Scores) -> PruningPlan | None:
+        """Remove one block (None when a block is more than what is left, or only one block remains)."""
+        num_blocks = self.adapter.num_blocks(self.hf_model)
+        if num_blocks < 2:
+            return None
+        if self.depth_criterion == "position":
+            index = max(num_blocks - 3, 0)
+            values = torch.ones(num_blocks, dtype=torch.float64)
+            values[index] = 0.0
+        elif self.depth_criterion == "random":
+            values = random_scores(num_blocks, self.seed + len(self.trajectory))
+        else:
+            assert scores.depth is not None
+            values = scores.depth
+        plan = make_depth_plan(self.hf_model, values, num_remove=1, method=f"mop:depth:{self.depth_criterion}")
+        removed = (plan.params_before or 0) - (plan.params_after or 0)
+        return plan if removed <= self.remaining else None
+
+    def _width_plan(self, scores: _Scores, depth_plan: PruningPlan | None) -> PruningPlan | None:
+        """AMP at a uniform ratio removing about one current block (exactly what is left on a last, partial step)."""
+        one_block = max(self.adapter.block_params(self.hf_model))
+        amount = min(one_block, self.remaining) if depth_plan is not None else self.remaining
+        try:
+            return make_width_plan(
+                self.hf_model,
+                scores.width,
+                int(amount),
+                gqa=self.gqa,  # type: ignore[arg-type]  # validated in __init__
+                allocation="uniform",
+                round_to=self.round_to,
+                method="mop:width:amp",
+            )
+        except ValueError as err:
+            log.info("MoP: no width candidate this step (%s)", err)
+            return None
+
+    def _forced_branch(self, depth_plan: PruningPlan | None, width_plan: PruningPlan | None) -> str | None:
+        """The branch to take without comparing proxies: replayed, drawn at random, or the only one possible."""
+        if self.decisions is not None:
+            if len(self.trajectory) >= len(self.decisions):
+                raise RuntimeError(f"The decision string {self.decisions!r} ended before the target was reached")
+            wanted = self.decisions[len(self.trajectory)]
+            if (depth_plan if wanted == DEPTH else width_plan) is None:
+                raise RuntimeError(
+                    f"Step {len(self.trajectory)} of {self.decisions!r} asks for {wanted!r}, impossible now"
+                )
+            return wanted
+        if depth_plan is None or width_plan is None:
+            return DEPTH if width_plan is None else WIDTH
+        if len(set(self.branches)) == 1:
+            return self.branches[0]
+        if self.proxy == "random":
+            return DEPTH if float(torch.rand((), generator=self._rng)) < 0.5 else WIDTH
+        return None
+
+    def _evaluate(self, branch: str, plan: PruningPlan, measure: bool) -> tuple[float, _Scores]:
+        """The proxy of a candidate and the statistics of the model it would leave, in one pass (no copy).
+
+        With ``measure=False`` only the statistics are collected (the decoder runs without the LM head).
+        """
+        model = self.hf_model
+        current: dict[str, Tensor | None] = {"attention_mask": None}
+        losses = LossSums()
+        device = model_device(model)
+        named = isinstance(self.proxy, str) and self.proxy in ("ppl", "kl", "cosine")
+        value = math.nan
+        with self._candidate(branch, plan) as hooks:
+            needs = self._depth_needs()
+            depth_metric = attach_depth_statistics(model, needs, hooks, current) if needs else None
+            width_metric = attach_width_statistics(model, width_needs_for("amp"), hooks, current)
+            for metric in (depth_metric, width_metric, losses):
+                if metric is not None:
+                    metric.to(device)
+            for i, item in enumerate(self.batches):
+                ids, mask = _as_inputs(item)
+                current["attention_mask"] = None if mask is None else mask.to(device)
+                if measure and named:
+                    reference = self._reference[i] if self._reference else None
+                    losses.update(*batch_loss(model, item, str(self.proxy), reference, device))
+                else:  # only the statistics are needed: the decoder alone
+                    decoder = self.adapter.decoder(model)
+                    decoder(input_ids=ids.to(device), attention_mask=current["attention_mask"], use_cache=False)
+            if measure and callable(self.proxy):
+                value = float(self.proxy(branch, model))
+            width_scores = amp(width_metric.compute(), model)  # inside: the down_proj norms of the candidate's blocks
+        if measure and named:
+            value = float(losses.compute())
+            if self.proxy == "ppl":
+                value = math.exp(value) if math.isfinite(value) else value
+        depth_scores = None
+        if depth_metric is not None:
+            depth_scores = scores_from_stats(depth_metric.compute(), self.depth_criterion, seed=self.seed)
+        return value, _Scores(depth_scores, width_scores)
+
+    def _candidate(self, branch: str, plan: PruningPlan) -> _CandidateContext:
+        return _CandidateContext(self, branch, plan)
+
+    # --- statistics ----------------------------------------------------------------------------------------------
+    def _depth_needs(self) -> set[str]:
+        if self.depth_criterion in ("position", "random"):
+            return set()
+        return needs_for([self.depth_criterion])
+
+    def _fresh_scores(self) -> _Scores:
+        """Score the current model from scratch (first step, or after the weights changed)."""
+        _, scores = self._evaluate(WIDTH, PruningPlan(num_layers=self.adapter.num_blocks(self.hf_model)), False)
+        return scores
+
+    def _smallest_unit(self) -> int:
+        attn = self.adapter.attentions(self.hf_model)[0]
+        mlp = self.adapter.mlps(self.hf_model)[0]
+        return min(self.adapter.neuron_params(mlp) * self.round_to, self.adapter.head_params(attn))
+
+    def _eval_mode(self) -> None:
+        self.hf_model.eval()  # the reference pass: modes are not restored, the search runs in eval mode anyway
+
+
+class _CandidateContext:
+    """Inside: the model computes what the candidate would (a block skipped, or units masked); hooks live here."""
+
+    def __init__(self, search: MoPSearch, branch: str, plan: PruningPlan) -> None:
+        self.search, self.branch, self.plan = search, branch, plan
+        self._modes: dict[nn.Module, bool] = {}
+        self._skip: Any = None
+        self._hooks = Hooks()
+        self._grad: Any = None
+
+    def __enter__(self) -> Hooks:
+        model = self.search.hf_model
+        self._modes = {m: m.training for m in model.modules()}
+        model.eval()
+        self._grad = torch.no_grad()
+        self._grad.__enter__()
+        if self.branch == DEPTH and self.plan.drop_layers:
+            self._skip = skipping_block(model, self.plan.drop_layers[0])
+            self._skip.__enter__()
+        elif self.branch == WIDTH:
+            register_width_masks(model, self.plan.keep_heads or {}, self.plan.keep_neurons or {}, self._hooks)
+        return self._hooks
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.remove()
+        if self._skip is not None:
+            self._skip.__exit__(None, None, None)
+        self._grad.__exit__(None, None, None)
+        for module, training in self._modes.items():
+            module.training = training
+
+
+def _carry(scores: _Scores, plan: PruningPlan) -> _Scores:
+    """Scores collected on the masked/skipping model, re-indexed for the model after the plan is applied."""
+    if plan.drop_layers:  # the candidate pass already ran without the block: sizes match the pruned model
+        return scores
+    heads = list(scores.width.heads)
+    neurons = list(scores.width.neurons)
+    for b, keep in (plan.keep_heads or {}).items():
+        heads[b] = heads[b][list(keep)]
+    for b, keep in (plan.keep_neurons or {}).items():
+        neurons[b] = neurons[b][list(keep)]
+    return _Scores(scores.depth, WidthScores(tuple(heads), tuple(neurons), scores.width.criterion))
