@@ -114,3 +114,31 @@ def test_width_pruning_on_the_real_model(tmp_path, gqa, allocation):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
         out = reloaded.generate(ids[:, :16], max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 24)
+
+
+def test_mop_on_the_real_model(tmp_path):
+    """MoP to 6% on 2 held-out windows: the target is met within a neuron per block, the path is recorded, and the
+    result is a stock checkpoint with the same logits."""
+    from lit_prune import save_pretrained
+    from lit_prune.mop import MoPSearch
+
+    eval_path = CPU_PROTOCOL.eval_path()
+    if eval_path is None or not eval_path.is_file():
+        pytest.skip("WikiText-2 not found in the shared data folder")
+    module = CausalLMModule(model=CPU_PROTOCOL.model)
+    data = TextDataModule(tokenizer=module.tokenizer, val_path=str(eval_path),
+                          calibration_path=str(CPU_PROTOCOL.calibration_path()), seq_len=256, max_val_windows=4,
+                          cache_dir=str(tmp_path / "cache"))
+    model = module.model
+    ad = adapter_for(model)
+    total = ad.total_params(model)
+    search = MoPSearch(model, data.calibration_dataloader(n=2, seed=1), 0.06, proxy="ppl")
+    search.run()
+    removed = total - ad.total_params(model)
+    assert abs(removed - round(0.06 * total)) <= ad.neuron_params(ad.mlps(model)[0]) * ad.num_blocks(model)
+    assert len(search.path) >= 2 and set(search.path) <= {"L", "G"}
+    folder = save_pretrained(model, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    ids = data.windows("val")[:1, :32]
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
