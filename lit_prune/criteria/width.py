@@ -156,8 +156,9 @@ def amp(stats: WidthStats, model: nn.Module | None = None) -> WidthScores:
         return WidthScores(head_scores, neuron_scores, "amp_act")
     attentions, mlps = _views(model)
     _check_widths(stats, attentions, mlps)
-    column_l1 = [_weight(m.down).abs().sum(0).cpu() for m in mlps]
-    return WidthScores(head_scores, tuple(n * w for n, w in zip(neuron_scores, column_l1, strict=True)), "amp")
+    column_l1 = [_weight(m.down).abs().sum(0) for m in mlps]
+    scaled = tuple(n * w.to(n.device) for n, w in zip(neuron_scores, column_l1, strict=True))
+    return WidthScores(head_scores, scaled, "amp")
 
 
 def amp_act(stats: WidthStats) -> WidthScores:
