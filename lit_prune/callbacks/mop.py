@@ -10,7 +10,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -123,6 +124,9 @@ class MixtureOfPruners(PruningCallback):
         """Every step so far, as dicts (kept in the checkpoint)."""
         self.finished = False
         self._search: MoPSearch | None = None
+        self._reference: list[Tensor] | None = None
+        """The dense model's outputs on the held-out windows (``kl`` / ``cosine``), kept in the checkpoint state so a
+        resumed run measures against the same dense model (for ``kl``: tokens × vocab × 2 bytes)."""
 
     @property
     def state_key(self) -> str:
@@ -175,8 +179,10 @@ class MixtureOfPruners(PruningCallback):
                 decisions=self.decisions,
                 seed=self.seed,
                 apply=record if callable(record) else None,
-                progress=self.verbose > 0,
+                progress=False,  # the callback reports each step once, on rank 0
+                reference=self._reference,
             )
+            self._reference = self._search.reference or None
             if self.trajectory:
                 self._search.resume_from(self.trajectory)
         return self._search
@@ -185,14 +191,17 @@ class MixtureOfPruners(PruningCallback):
         search = self.search_for(pl_module, self.calibration_loader(getattr(trainer, "datamodule", None)))
         if self.recover_epochs > 0:
             search.invalidate()  # the weights were trained since the last step
+        pruned = False
         while not search.done():
             step = search.step()
             if step is None:
                 break
+            pruned = True
             self._record(trainer, step)
-            rebuild_after_surgery(trainer)
             if self.recover_epochs > 0:
                 break
+        if pruned:  # once per call: optimizers and schedulers restart from the new parameters
+            rebuild_after_surgery(trainer)
         if search.done():
             self._finish(trainer, pl_module)
 
@@ -217,7 +226,9 @@ class MixtureOfPruners(PruningCallback):
                     if math.isfinite(v)
                 }
             )
-            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+            metrics["mop/global_step"] = float(trainer.global_step)
+            # one shot: every step happens at global step 0, so the MoP step is the x-axis
+            trainer.logger.log_metrics(metrics, step=step.step if self.recover_epochs == 0 else trainer.global_step)
         if self.verbose:
             rank_zero_info(
                 f"MoP step {step.step}: {'depth' if step.branch == DEPTH else 'width'} "
@@ -248,6 +259,13 @@ class MixtureOfPruners(PruningCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save the final model (pruned, and trained if the fit trained it) with its plans."""
+        if not self.finished and self.trajectory:
+            left = self._search.remaining if self._search is not None else float("nan")
+            rank_zero_warn(
+                f"MixtureOfPruners did not reach its target before the fit ended: {len(self.trajectory)} steps "
+                f"({self.path}), {left:,} parameters still to remove; give the fit more epochs (one step every "
+                f"{self.recover_epochs} epochs) or resume it"
+            )
         if not (self.finished and self.save_model):
             return
         ckpt = trainer.checkpoint_callback
@@ -267,8 +285,15 @@ class MixtureOfPruners(PruningCallback):
 
     @override
     def prune(self, pl_module: pl.LightningModule, calibration: DataLoader) -> PruningPlan:
-        """Run every step at once (one shot, no Trainer) and return the last applied plan."""
-        return self.prune_all(pl_module, calibration)[-1]
+        """Run every step at once (one shot, no Trainer) and return the last applied plan.
+
+        Raises:
+            RuntimeError: if no step could be taken (the target is below the smallest unit).
+        """
+        plans = self.prune_all(pl_module, calibration)
+        if not plans:
+            raise RuntimeError(f"MoP took no step: the target {self.target} is below the smallest unit it can remove")
+        return plans[-1]
 
     def prune_all(self, pl_module: pl.LightningModule, calibration: DataLoader) -> list[PruningPlan]:
         """Run every step at once (one shot, no Trainer); returns the applied plans in order."""
@@ -287,11 +312,19 @@ class MixtureOfPruners(PruningCallback):
     # --- checkpoint state --------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"plans": list(self.plans), "trajectory": list(self.trajectory), "finished": self.finished}
+        state: dict[str, Any] = {
+            "plans": list(self.plans),
+            "trajectory": list(self.trajectory),
+            "finished": self.finished,
+        }
+        if self._reference and not self.finished:
+            state["reference"] = [t.cpu() for t in self._reference]
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plans = list(state_dict.get("plans", []))
         self.trajectory = list(state_dict.get("trajectory", []))
         self.finished = bool(state_dict.get("finished", False))
+        self._reference = state_dict.get("reference")
         self._search = None

@@ -22,19 +22,41 @@ from lit_prune.stats.hooks import Hooks
 def skipping_block(model: nn.Module, index: int) -> Iterator[None]:
     """Run ``model`` without block ``index`` inside the context (forward passes without a KV cache).
 
-    The decoder's block list is swapped for one without the block and restored on exit; nothing else changes, so
-    ``layer_idx`` values are stale inside the context: use ``use_cache=False``.
+    The decoder's block list is swapped for one without the block, and the config's per-block lists
+    (``layer_types`` of sliding-window models, ...) and ``num_hidden_layers`` lose the block's entry, as surgery
+    would make them; all is restored on exit. ``layer_idx`` values are stale inside: use ``use_cache=False``.
     """
+    from lit_prune.surgery import PER_LAYER_CONFIG_ATTRS, _text_config
+
     adapter = adapter_for(model)
     decoder = adapter.decoder(model)
     blocks = adapter.blocks(model)
     if not 0 <= index < len(blocks) or len(blocks) < 2:
         raise ValueError(f"Cannot skip block {index} of a model with {len(blocks)} blocks")
+    cfg = _text_config(model)
+    saved: dict[str, Any] = {}
+    if cfg is not None:
+        for attr in ("num_hidden_layers", *PER_LAYER_CONFIG_ATTRS):
+            if getattr(cfg, attr, None) is not None:
+                saved[attr] = getattr(cfg, attr)
+    sliding = decoder.__dict__.get("has_sliding_layers")
     setattr(decoder, adapter.layers_attr, nn.ModuleList(b for i, b in enumerate(blocks) if i != index))
     try:
+        for attr, value in saved.items():
+            setattr(
+                cfg,
+                attr,
+                value - 1 if attr == "num_hidden_layers" else type(value)(v for i, v in enumerate(value) if i != index),
+            )
+        if isinstance(sliding, bool) and "layer_types" in saved:
+            setattr(decoder, "has_sliding_layers", "sliding_attention" in cfg.layer_types)
         yield
     finally:
         setattr(decoder, adapter.layers_attr, blocks)
+        for attr, value in saved.items():
+            setattr(cfg, attr, value)
+        if isinstance(sliding, bool):
+            setattr(decoder, "has_sliding_layers", sliding)
 
 
 def _mask(width: int, keep: Sequence[int], repeat: int, like: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 * ``ppl``: perplexity of the candidate on the windows.
 * ``kl``: mean over tokens of KL(dense ‖ candidate) between next-token distributions; the dense distributions are
-  computed once, before the first step, and kept in float16 (``tokens × vocab × 2`` bytes).
+  computed once, before the first step, and kept in float16 on the CPU (``tokens × vocab × 2`` bytes).
 * ``cosine``: 1 − mean cosine similarity between the candidate's and the dense model's final hidden states.
 * ``random``: no measurement; the branch is drawn with a seeded generator.
 
@@ -68,7 +68,9 @@ def reference_outputs(model: nn.Module, batches: Sequence[Batch], proxy: str, de
             ids, mask = _as_inputs(item)
             mask = None if mask is None else mask.to(device)
             value = _forward(model, proxy, ids.to(device), mask).float()
-            out.append(F.log_softmax(value, dim=-1).half() if proxy == "kl" else value)
+            if proxy == "kl":  # clamped: a float16 -inf would turn 0 * (-inf) into NaN in the KL sum
+                value = F.log_softmax(value, dim=-1).clamp_min(-1e4).half()
+            out.append(value.cpu())  # on the CPU: the accelerator keeps room for the candidates
     return out
 
 

@@ -15,12 +15,14 @@ re-indexed). Each one-shot step therefore costs two passes over the held-out win
 drops them when the weights change between steps (recovery training).
 
 The last step may be partial: when what is left of the budget is less than a block, only a width candidate of
-exactly that size is built, so the target is hit within one head/neuron granularity. A decision string (``"L"``:
-a layer, i.e. depth; ``"G"``: heads and neurons, i.e. width; e.g. ``"LGGL"``) replays a path instead of searching.
+exactly that size is built, so the target is hit within one neuron per block (the uniform allocation's step).
+A decision string (``"L"``: a layer, i.e. depth; ``"G"``: heads and neurons, i.e. width; e.g. ``"LGGL"``) replays
+a path instead of searching.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -36,7 +38,7 @@ from lit_prune.allocation import make_width_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.criteria.depth import DEPTH_CRITERIA, GLOBAL_CRITERIA, needs_for, random_scores, scores_from_stats
 from lit_prune.criteria.width import WidthScores, amp, width_needs_for
-from lit_prune.eval._common import model_device
+from lit_prune.eval._common import evaluating, model_device
 from lit_prune.mop.masking import register_width_masks, skipping_block
 from lit_prune.mop.proxy import PROXIES, LossSums, batch_loss, reference_outputs
 from lit_prune.plan import PruningPlan
@@ -55,7 +57,8 @@ MOP_DEPTH_CRITERIA = tuple(c for c in DEPTH_CRITERIA if c not in GLOBAL_CRITERIA
 """Depth criteria MoP scores from the statistics it collects anyway (plus the paper code's ``position``)."""
 
 ProxyFn = Callable[[str, nn.Module], float]
-"""A custom proxy: ``proxy(branch, masked_model) -> loss`` (lower wins), called inside the candidate's context."""
+"""A custom proxy: ``proxy(branch, masked_model) -> loss`` (lower wins), called inside the candidate's context.
+Run the model with ``use_cache=False`` there: with a block skipped, ``layer_idx`` values are stale."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class MoPSearch:
         apply: how a chosen plan is applied (default :func:`lit_prune.surgery.apply_plan`; the callback passes
             ``CausalLMModule.apply_plan`` so plans are recorded for checkpoints).
         progress: log each step at INFO level.
+        reference: the dense model's outputs on ``batches`` for ``kl`` / ``cosine`` (see :attr:`reference`); given
+            when a search is resumed on a model that is no longer dense. None computes them from ``model``.
 
     Raises:
         ValueError: for an unknown proxy, criterion, or gqa mode, a target outside (0, 1), a decision string with
@@ -125,6 +130,7 @@ class MoPSearch:
         seed: int = 0,
         apply: Callable[[PruningPlan], None] | None = None,
         progress: bool = False,
+        reference: list[Tensor] | None = None,
     ) -> None:
         if not callable(proxy) and proxy not in PROXIES:
             raise ValueError(f"`proxy` must be one of {list(PROXIES)} or a callable, got {proxy!r}")
@@ -161,12 +167,18 @@ class MoPSearch:
         self._stuck = False
         self.trajectory: list[MoPStep] = []
         self._scores: _Scores | None = None
-        self._rng = torch.Generator().manual_seed(seed)
-        self._reference: list[Tensor] = []
-        if isinstance(proxy, str) and proxy in ("kl", "cosine"):
-            with torch.no_grad():
-                self._eval_mode()
-                self._reference = reference_outputs(self.hf_model, self.batches, proxy, model_device(self.hf_model))
+        self.reference: list[Tensor] = []
+        """The dense model's outputs for ``kl`` (float16 log-probs) / ``cosine`` (hidden states), kept on the CPU:
+        ``tokens × vocab × 2`` bytes for ``kl`` (200 MB for 8 windows of 256 tokens of SmolLM2)."""
+        measured = decisions is None and len(set(branches)) > 1
+        if isinstance(proxy, str) and proxy in ("kl", "cosine") and measured:
+            if reference is not None:
+                if len(reference) != len(self.batches):
+                    raise ValueError(f"`reference` has {len(reference)} entries for {len(self.batches)} batches")
+                self.reference = list(reference)
+            else:
+                with evaluating(self.hf_model, None) as (hf, device):
+                    self.reference = reference_outputs(hf, self.batches, proxy, device)
 
     # --- state ---------------------------------------------------------------------------------------------------
     @property
@@ -193,13 +205,22 @@ class MoPSearch:
         self._scores = None
 
     def resume_from(self, trajectory: Sequence[dict[str, Any]]) -> None:
-        """Continue a trajectory whose plans the model already carries (a run resumed from a checkpoint)."""
-        self.trajectory = [MoPStep(**entry) for entry in trajectory]
-        if trajectory:  # the budget is a fraction of the model the search started on
-            self.params_start = int(trajectory[0]["params_before"])
+        """Continue a trajectory whose plans the model already carries (a run resumed from a checkpoint).
+
+        Raises:
+            ValueError: if the model's parameter count is not the one the trajectory ended with (its plans were not
+                replayed, or another model was given).
+        """
+        if trajectory:
+            current = self.adapter.total_params(self.hf_model)
+            if int(trajectory[-1]["params_after"]) != current:
+                raise ValueError(
+                    f"The MoP trajectory ended at {int(trajectory[-1]['params_after']):,} parameters but the model has "
+                    f"{current:,}: replay its plans first (CausalLMModule does so when it loads the checkpoint)"
+                )
+            self.params_start = int(trajectory[0]["params_before"])  # the budget is a fraction of the first model
             self.target_removed = round(self.target * self.params_start)
-        for _ in self.trajectory:  # keep the random proxy's stream where an uninterrupted run would have it
-            torch.rand((), generator=self._rng)
+        self.trajectory = [MoPStep(**entry) for entry in trajectory]
         self._scores = None
 
     def branch_off(self, target: float) -> MoPSearch:
@@ -214,7 +235,6 @@ class MoPSearch:
         fork.model = fork.hf_model
         fork.apply = lambda plan: apply_plan(fork.hf_model, plan)
         fork.trajectory = list(self.trajectory)
-        fork._rng = torch.Generator().set_state(self._rng.get_state())
         fork.target = float(target)
         fork.target_removed = round(fork.target * self.params_start)
         fork._stuck = False
@@ -310,8 +330,10 @@ class MoPSearch:
 
     def _width_plan(self, scores: _Scores, depth_plan: PruningPlan | None) -> PruningPlan | None:
         """AMP at a uniform ratio removing about one current block (exactly what is left on a last, partial step)."""
-        one_block = max(self.adapter.block_params(self.hf_model))
-        amount = min(one_block, self.remaining) if depth_plan is not None else self.remaining
+        if depth_plan is not None:  # the same size as the depth candidate
+            amount = (depth_plan.params_before or 0) - (depth_plan.params_after or 0)
+        else:
+            amount = self.remaining
         try:
             return make_width_plan(
                 self.hf_model,
@@ -341,8 +363,9 @@ class MoPSearch:
             return DEPTH if width_plan is None else WIDTH
         if len(set(self.branches)) == 1:
             return self.branches[0]
-        if self.proxy == "random":
-            return DEPTH if float(torch.rand((), generator=self._rng)) < 0.5 else WIDTH
+        if self.proxy == "random":  # one draw per step from (seed, step): the same on every rank and after a resume
+            draw = torch.rand((), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + len(self.trajectory)))
+            return DEPTH if float(draw) < 0.5 else WIDTH
         return None
 
     def _evaluate(self, branch: str, plan: PruningPlan, measure: bool) -> tuple[float, _Scores]:
@@ -367,7 +390,7 @@ class MoPSearch:
                 ids, mask = _as_inputs(item)
                 current["attention_mask"] = None if mask is None else mask.to(device)
                 if measure and named:
-                    reference = self._reference[i] if self._reference else None
+                    reference = self.reference[i] if self.reference else None
                     losses.update(*batch_loss(model, item, str(self.proxy), reference, device))
                 else:  # only the statistics are needed: the decoder alone
                     decoder = self.adapter.decoder(model)
@@ -379,6 +402,10 @@ class MoPSearch:
             value = float(losses.compute())
             if self.proxy == "ppl":
                 value = math.exp(value) if math.isfinite(value) else value
+        if measure and math.isnan(value):
+            raise RuntimeError(
+                f"The {self.proxy!r} proxy of the {branch} candidate is NaN; the model or data is broken"
+            )
         depth_scores = None
         if depth_metric is not None:
             depth_scores = scores_from_stats(depth_metric.compute(), self.depth_criterion, seed=self.seed)
@@ -403,40 +430,29 @@ class MoPSearch:
         mlp = self.adapter.mlps(self.hf_model)[0]
         return min(self.adapter.neuron_params(mlp) * self.round_to, self.adapter.head_params(attn))
 
-    def _eval_mode(self) -> None:
-        self.hf_model.eval()  # the reference pass: modes are not restored, the search runs in eval mode anyway
-
 
 class _CandidateContext:
     """Inside: the model computes what the candidate would (a block skipped, or units masked); hooks live here."""
 
     def __init__(self, search: MoPSearch, branch: str, plan: PruningPlan) -> None:
         self.search, self.branch, self.plan = search, branch, plan
-        self._modes: dict[nn.Module, bool] = {}
-        self._skip: Any = None
-        self._hooks = Hooks()
-        self._grad: Any = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> Hooks:
         model = self.search.hf_model
-        self._modes = {m: m.training for m in model.modules()}
-        model.eval()
-        self._grad = torch.no_grad()
-        self._grad.__enter__()
-        if self.branch == DEPTH and self.plan.drop_layers:
-            self._skip = skipping_block(model, self.plan.drop_layers[0])
-            self._skip.__enter__()
-        elif self.branch == WIDTH:
-            register_width_masks(model, self.plan.keep_heads or {}, self.plan.keep_neurons or {}, self._hooks)
-        return self._hooks
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(evaluating(model, None))
+            stack.enter_context(torch.no_grad())
+            hooks = stack.enter_context(Hooks())
+            if self.branch == DEPTH and self.plan.drop_layers:
+                stack.enter_context(skipping_block(model, self.plan.drop_layers[0]))
+            elif self.branch == WIDTH:
+                register_width_masks(model, self.plan.keep_heads or {}, self.plan.keep_neurons or {}, hooks)
+            self._stack = stack.pop_all()  # everything entered: hand the exits to __exit__
+        return hooks
 
     def __exit__(self, *exc: object) -> None:
-        self._hooks.remove()
-        if self._skip is not None:
-            self._skip.__exit__(None, None, None)
-        self._grad.__exit__(None, None, None)
-        for module, training in self._modes.items():
-            module.training = training
+        self._stack.close()
 
 
 def _carry(scores: _Scores, plan: PruningPlan) -> _Scores:

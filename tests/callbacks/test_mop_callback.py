@@ -67,11 +67,11 @@ def test_one_shot_fit_logs_every_step_and_saves_the_final_model(tmp_path):
     assert module.pruning_plans == mop.plans
 
 
-def _recovering_run(root, max_epochs, ckpt_path=None):
+def _recovering_run(root, max_epochs, ckpt_path=None, proxy="ppl"):
     pl.seed_everything(0)
     module = CausalLMModule(model=_model())
     mop = MixtureOfPruners(
-        target=0.3, proxy="ppl", recover_epochs_between_steps=1, calibration=_loader(), verbose=0, save_model=False
+        target=0.45, proxy=proxy, recover_epochs_between_steps=1, calibration=_loader(), verbose=0, save_model=False
     )
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_epochs=1, save_top_k=0)
     trainer = _trainer(root, [mop, checkpoint], enable_checkpointing=True, max_steps=-1, max_epochs=max_epochs)
@@ -79,13 +79,15 @@ def _recovering_run(root, max_epochs, ckpt_path=None):
     return module, mop
 
 
-def test_a_resumed_run_ends_with_the_architecture_of_an_uninterrupted_one(tmp_path):
-    full_module, full = _recovering_run(tmp_path / "full", max_epochs=8)
+@pytest.mark.parametrize("proxy", ["ppl", "kl", "random"])
+def test_a_resumed_run_ends_with_the_architecture_of_an_uninterrupted_one(tmp_path, proxy):
+    full_module, full = _recovering_run(tmp_path / "full", max_epochs=8, proxy=proxy)
     assert full.done and len(full.path) >= 3
-    _, first = _recovering_run(tmp_path / "cut", max_epochs=2)
+    with pytest.warns(UserWarning, match="did not reach its target before the fit ended"):
+        _, first = _recovering_run(tmp_path / "cut", max_epochs=2, proxy=proxy)
     assert len(first.trajectory) == 2 and not first.done
     resumed_module, resumed = _recovering_run(
-        tmp_path / "cut", max_epochs=8, ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt")
+        tmp_path / "cut", max_epochs=8, ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt"), proxy=proxy
     )
     assert resumed.path == full.path
     assert block_shapes(resumed_module.model) == block_shapes(full_module.model)
@@ -108,8 +110,23 @@ def test_lit_prune_prune_api_runs_every_step(tmp_path):
         (dict(recover_epochs_between_steps=-1), r"`recover_epochs_between_steps` must be an int >= 0"),
         (dict(decisions="LLX"), r"`decisions` must be a string of 'L'"),
         (dict(depth_criterion="cka_global"), r"`depth_criterion` must be one of"),
+        (dict(round_to=0), r"`round_to` must be an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):
         MixtureOfPruners(**kwargs)
+
+
+def test_the_dense_reference_of_kl_travels_in_the_checkpoint(tmp_path):
+    with pytest.warns(UserWarning, match="did not reach its target"):
+        _, first = _recovering_run(tmp_path, max_epochs=2, proxy="kl")
+    assert first._search is not None
+    dense_reference = first._search.reference
+    assert dense_reference
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("MixtureOfPruners")]
+    assert all(torch.equal(a, b) for a, b in zip(state["reference"], dense_reference, strict=True))
+    _, resumed = _recovering_run(tmp_path, max_epochs=8, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), proxy="kl")
+    assert resumed._search is not None
+    assert all(torch.equal(a, b) for a, b in zip(resumed._search.reference, dense_reference, strict=True))

@@ -11,6 +11,7 @@ from lit_prune.arch import adapter_for
 from lit_prune.eval import perplexity
 from lit_prune.mop import MoPSearch, register_width_masks, skipping_block
 from lit_prune.mop.search import DEPTH, WIDTH
+from lit_prune.plan import PruningPlan
 from lit_prune.shapes import block_shapes, loads_without_lit_prune
 from lit_prune.stats import Hooks
 from lit_prune.surgery import apply_plan
@@ -122,8 +123,6 @@ def test_reference_proxies_are_zero_for_an_unchanged_model_and_positive_otherwis
     model = _model()
     search = MoPSearch(model, _batches(), 0.3, proxy=proxy)
     scores = search._fresh_scores()
-    from lit_prune.plan import PruningPlan
-
     same, _ = search._evaluate(WIDTH, PruningPlan(num_layers=6), measure=True)
     assert same == pytest.approx(0.0, abs=1e-5)
     depth_plan = search._depth_plan(scores)
@@ -134,11 +133,13 @@ def test_reference_proxies_are_zero_for_an_unchanged_model_and_positive_otherwis
 
 def test_random_proxy_is_seeded():
     paths = []
-    for seed in (0, 0, 1):
+    for seed in (0, 0, 1, 2, 3):
         search = MoPSearch(_model(), _batches(), 0.4, proxy="random", seed=seed)
         search.run()
         paths.append(search.path)
+        assert all(math.isnan(s.proxy_depth) and math.isnan(s.proxy_width) for s in search.trajectory)
     assert paths[0] == paths[1]
+    assert len(set(paths)) > 1  # other seeds take other paths
 
 
 def test_the_result_saves_and_reloads_with_plain_transformers(tmp_path):
@@ -186,3 +187,42 @@ def test_branching_off_a_longer_run_equals_a_direct_run(proxy):
     assert adapter_for(fork.hf_model).num_blocks(fork.hf_model) == adapter_for(direct_model).num_blocks(direct_model)
     longer.run()  # the longer run goes on unaffected by its fork
     assert len(longer.path) > len(direct.path)
+
+
+def test_the_search_leaves_training_mode_alone():
+    model = _model().train()
+    search = MoPSearch(model, _batches(), 0.3, proxy="kl")
+    search.step()
+    assert all(m.training for m in model.modules())
+
+
+def test_skipping_a_block_is_exact_for_sliding_window_models():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    model = Qwen2ForCausalLM(cfg).eval()
+    ids = _batches()[0]["input_ids"]
+    with torch.no_grad(), skipping_block(model, 1):
+        skipped = model(ids, use_cache=False).logits
+    assert model.config.layer_types == cfg.layer_types and len(model.model.layers) == 4
+    pruned = copy.deepcopy(model)
+    apply_plan(pruned, PruningPlan(num_layers=4, drop_layers=[1]))
+    with torch.no_grad():
+        torch.testing.assert_close(skipped, pruned(ids, use_cache=False).logits, rtol=0, atol=1e-6)
+
+
+def test_misuse_raises():
+    model = _model()
+    with pytest.raises(ValueError, match=r"`branches` must be 'LG', 'L' or 'G', got 'X'"):
+        MoPSearch(model, _batches(), 0.3, branches="X")
+    with pytest.raises(ValueError, match=r"Cannot skip block 6 of a model with 6 blocks"), skipping_block(model, 6):
+        pass
+    search = MoPSearch(model, _batches(), 0.3, decisions="G")
+    search.step()
+    with pytest.raises(RuntimeError, match=r"decision string 'G' ended before the target was reached"):
+        search.step()
+    fresh = MoPSearch(_model(), _batches(), 0.3)
+    with pytest.raises(ValueError, match=r"replay its plans first"):
+        fresh.resume_from([step.as_dict() for step in search.trajectory])
