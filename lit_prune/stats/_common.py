@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 Batch = Tensor | Mapping[str, Tensor]
 Batches = Tensor | Iterable[Batch]
@@ -66,7 +67,6 @@ class CKASums:
         return f"CKASums({shapes})"
 
 
-
 def _check_names(name: str, values: Iterable[str], allowed: tuple[str, ...]) -> frozenset[str]:
     """Validate a set of names: non-empty, every one in ``allowed``."""
     if isinstance(values, str):
@@ -112,7 +112,6 @@ def _tokens(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     return hidden[attention_mask.to(device=hidden.device, dtype=torch.bool)]
 
 
-
 def _block_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
     """The hidden states a block received: its first positional argument or ``hidden_states``."""
     return args[0] if args else kwargs["hidden_states"]
@@ -154,3 +153,46 @@ def _iterate(batches: Batches, max_batches: int | None) -> tuple[Iterator[Batch]
     return islice(items, max_batches), total
 
 
+def hooked_pass(
+    model: Any,
+    batches: Batches,
+    attach: Any,
+    *,
+    max_batches: int | None,
+    progress: bool,
+    device: Any,
+    desc: str,
+) -> Any:
+    """One pass of the decoder stack (no LM head) over ``batches`` with the hooks ``attach`` registers.
+
+    ``attach(hf_model, hooks, current)`` registers hooks through ``hooks`` and returns the metric they fill; the pass
+    sets ``current["attention_mask"]`` before each batch. Runs under ``torch.no_grad()`` in eval mode; modes are
+    restored and hooks removed afterwards, also when the forward raises. Shared by the depth and width collectors.
+
+    Returns:
+        The filled metric (on the device the pass ran on).
+
+    Raises:
+        ValueError: if ``max_batches`` is not a positive int or None, a batch is malformed, or there is no batch.
+    """
+    from lit_prune._validation import check_int
+    from lit_prune.arch import adapter_for
+    from lit_prune.eval._common import evaluating
+    from lit_prune.stats.hooks import Hooks
+
+    check_int("max_batches", max_batches, allow_none=True)
+    items, total = _iterate(batches, max_batches)
+    current: dict[str, Tensor | None] = {"attention_mask": None}
+    seen = 0
+    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
+        metric = attach(hf_model, hooks, current)
+        metric.to(target)
+        decoder = adapter_for(hf_model).decoder(hf_model)
+        for item in tqdm(items, total=total, desc=desc, disable=not progress, leave=False):
+            ids, mask = _as_inputs(item)
+            current["attention_mask"] = None if mask is None else mask.to(target)
+            decoder(input_ids=ids.to(target), attention_mask=current["attention_mask"], use_cache=False)
+            seen += 1
+    if seen == 0:
+        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
+    return metric

@@ -77,7 +77,6 @@ class GlobalStats(_ReadOnly):
         )
 
 
-
 class GlobalStatistics(Metric):
     """Per candidate block: how much the final output changes when that block is skipped, streamed over batches.
 
@@ -203,7 +202,6 @@ class GlobalStatistics(Metric):
             kl_sum=self.kl_sum.clone() if "kl" in self.metrics else None,
             cka=cka,
         )
-
 
 
 def _cosine_sum(reference: Tensor, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -350,4 +348,3 @@ def collect_global_statistics(
         raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
     log.debug("Global statistics %s over %d batches for %d candidate blocks", sorted(metric.metrics), seen, L)
     return metric
-

@@ -16,24 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
-from tqdm.auto import tqdm
 
 from lit_prune._validation import check_int
 from lit_prune.arch import adapter_for
-from lit_prune.eval._common import evaluating
 from lit_prune.stats._common import (
     _F64,
     Batches,
     CKASums,
-    _as_inputs,
     _block_input,
     _block_output,
     _check_mask,
     _check_names,
-    _iterate,
     _last_tokens,
     _ReadOnly,
     _tokens,
+    hooked_pass,
 )
 from lit_prune.stats.hooks import Hooks
 
@@ -98,7 +95,6 @@ class DepthStats(_ReadOnly):
             cka_last=cka_last,
             cka_all=cka_all,
         )
-
 
 
 class DepthStatistics(Metric):
@@ -264,7 +260,6 @@ class DepthStatistics(Metric):
         )
 
 
-
 def collect_depth_statistics(
     model: nn.Module,
     batches: Batches,
@@ -297,24 +292,17 @@ def collect_depth_statistics(
             or there is no batch.
         TypeError: if a batch is neither a tensor nor a dict with ``input_ids``.
     """
-    check_int("max_batches", max_batches, allow_none=True)
-    adapter = adapter_for(model)
-    items, total = _iterate(batches, max_batches)
-    current: dict[str, Tensor | None] = {"attention_mask": None}
-    seen = 0
-    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
-        metric = attach_depth_statistics(hf_model, needs, hooks, current)
-        metric.to(target)
-        decoder = adapter.decoder(hf_model)
-        for item in tqdm(items, total=total, desc="depth statistics", disable=not progress, leave=False):
-            ids, mask = _as_inputs(item)
-            ids = ids.to(target)
-            current["attention_mask"] = None if mask is None else mask.to(target)
-            decoder(input_ids=ids, attention_mask=current["attention_mask"], use_cache=False)
-            seen += 1
-    if seen == 0:
-        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
-    log.debug("Depth statistics %s over %d batches of %d blocks", sorted(metric.needs), seen, metric.num_blocks)
+    metric = hooked_pass(
+        model,
+        batches,
+        lambda hf_model, hooks, current: attach_depth_statistics(hf_model, needs, hooks, current),
+        max_batches=max_batches,
+        progress=progress,
+        device=device,
+        desc="depth statistics",
+    )
+    seen = "all" if max_batches is None else f"<= {max_batches}"
+    log.debug("Depth statistics %s over %s batches of %d blocks", sorted(metric.needs), seen, metric.num_blocks)
     return metric
 
 
@@ -340,5 +328,3 @@ def attach_depth_statistics(
     for index, block in enumerate(blocks):
         hooks.forward(block, block_hook(index))
     return metric
-
-

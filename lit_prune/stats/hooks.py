@@ -54,5 +54,3 @@ class Hooks:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.remove()
-
-

@@ -17,12 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
-from tqdm.auto import tqdm
 
 from lit_prune._validation import check_int
 from lit_prune.arch import adapter_for
-from lit_prune.eval._common import evaluating
-from lit_prune.stats._common import _F64, Batches, _as_inputs, _check_mask, _check_names, _iterate, _ReadOnly, _tokens
+from lit_prune.stats._common import _F64, Batches, _check_mask, _check_names, _ReadOnly, _tokens, hooked_pass
 from lit_prune.stats.hooks import Hooks
 
 log = logging.getLogger(__name__)
@@ -326,23 +324,17 @@ def collect_width_statistics(
             widths of a block disagree, a batch is malformed, or there is no batch.
         TypeError: if a batch is neither a tensor nor a dict with ``input_ids``.
     """
-    check_int("max_batches", max_batches, allow_none=True)
-    adapter = adapter_for(model)
-    items, total = _iterate(batches, max_batches)
-    current: dict[str, Tensor | None] = {"attention_mask": None}
-    seen = 0
-    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
-        metric = attach_width_statistics(hf_model, needs, hooks, current)
-        metric.to(target)
-        decoder = adapter.decoder(hf_model)
-        for item in tqdm(items, total=total, desc="width statistics", disable=not progress, leave=False):
-            ids, mask = _as_inputs(item)
-            current["attention_mask"] = None if mask is None else mask.to(target)
-            decoder(input_ids=ids.to(target), attention_mask=current["attention_mask"], use_cache=False)
-            seen += 1
-    if seen == 0:
-        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
-    log.debug("Width statistics %s over %d batches of %d blocks", sorted(metric.needs), seen, metric.num_blocks)
+    metric = hooked_pass(
+        model,
+        batches,
+        lambda hf_model, hooks, current: attach_width_statistics(hf_model, needs, hooks, current),
+        max_batches=max_batches,
+        progress=progress,
+        device=device,
+        desc="width statistics",
+    )
+    seen = "all" if max_batches is None else f"<= {max_batches}"
+    log.debug("Width statistics %s over %s batches of %d blocks", sorted(metric.needs), seen, metric.num_blocks)
     return metric.compute()
 
 
