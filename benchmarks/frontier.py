@@ -26,18 +26,18 @@ import copy
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import alternating
 
 from lit_prune import CPU_PROTOCOL, adapter_for
 from lit_prune.allocation import make_width_plan
 from lit_prune.criteria.width import score_width
 from lit_prune.datamodules import TextDataModule
-from lit_prune.eval import latency, perplexity
+from lit_prune.eval import perplexity
 from lit_prune.loading import load_model, load_tokenizer
 from lit_prune.mop import MoPSearch
 from lit_prune.surgery import apply_plan
@@ -60,18 +60,6 @@ def frontier_of(search: MoPSearch, targets: list[float]) -> tuple[dict[float, Mo
         fork.run()
         finished[target] = fork
     return finished, time.perf_counter() - start
-
-
-def prefill_ratio(dense: torch.nn.Module, pruned: torch.nn.Module, rounds: int = 3) -> dict[str, float]:
-    """Median pruned/dense prefill latency (batch 1 and 8) and decode speed ratio, timed alternately."""
-    kwargs = CPU_PROTOCOL.latency_kwargs()
-    r: dict[str, list[float]] = {"b1": [], "b8": [], "decode": []}
-    for _ in range(rounds):
-        d, p = latency(dense, **kwargs), latency(pruned, **kwargs)
-        r["b1"].append(p.prefill_ms[1] / d.prefill_ms[1])
-        r["b8"].append(p.prefill_ms[8] / d.prefill_ms[8])
-        r["decode"].append(p.decode_tokens_per_s / d.decode_tokens_per_s)
-    return {k: statistics.median(v) for k, v in r.items()}
 
 
 def main() -> None:
@@ -148,7 +136,8 @@ def main() -> None:
             results["rows"].append({"target": target, "method": label, "ppl": ppl, "params": params, "path": path})
 
     mop_top = runs["MoP (ppl)"][top].hf_model
-    ratio = prefill_ratio(dense, mop_top)
+    timing = alternating(mop_top, dense)
+    ratio = {"b1": timing["r1"], "b8": timing["r8"], "decode": timing["rdec"]}
     results["latency_at_top"] = ratio
     print(f"\nMoP (ppl) at {top:.0%}: prefill latency {100 * (ratio['b1'] - 1):+.1f}% at batch 1, "
           f"{100 * (ratio['b8'] - 1):+.1f}% at batch 8; decode {ratio['decode']:.2f}x dense tok/s "

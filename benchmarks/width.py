@@ -20,7 +20,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import alternating  # noqa: E402
 
 from lit_prune import CPU_PROTOCOL, adapter_for  # noqa: E402
 from lit_prune.allocation import make_width_plan  # noqa: E402
@@ -50,22 +51,6 @@ METHODS: list[tuple[str, str, str, str]] = [
     ("wanda_sp", "wanda_sp", "query", "uniform"),
     ("random", "random", "query", "uniform"),
 ]
-
-
-def timed(model: torch.nn.Module, dense: torch.nn.Module, rounds: int) -> dict[str, Any]:
-    """Latency of ``model`` and its ratio to ``dense``, the two timed alternately (median over rounds)."""
-    kwargs = CPU_PROTOCOL.latency_kwargs()
-    rows: dict[str, list[float]] = {"p1": [], "p8": [], "dec": [], "r1": [], "r8": [], "rdec": []}
-    for _ in range(rounds):
-        d = latency(dense, **kwargs)
-        p = latency(model, **kwargs)
-        rows["p1"].append(p.prefill_ms[1])
-        rows["p8"].append(p.prefill_ms[8])
-        rows["dec"].append(p.decode_tokens_per_s)
-        rows["r1"].append(p.prefill_ms[1] / d.prefill_ms[1])
-        rows["r8"].append(p.prefill_ms[8] / d.prefill_ms[8])
-        rows["rdec"].append(p.decode_tokens_per_s / d.decode_tokens_per_s)
-    return {k: statistics.median(v) for k, v in rows.items()}
 
 
 def torch_pruning_row(model: torch.nn.Module, target_params: int, calib_ids: torch.Tensor) -> tuple[Any, dict]:
@@ -164,7 +149,7 @@ def main() -> None:
             ppl = perplexity(pruned, windows, progress=False)
             shapes = tuple(block_shapes(pruned))
             if shapes not in timing_cache:
-                timing_cache[shapes] = timed(pruned, model, rounds)
+                timing_cache[shapes] = alternating(pruned, model, rounds)
             t = timing_cache[shapes]
             total, nonemb = ad.total_params(pruned), ad.non_embedding_params(pruned)
             frac_all, frac_non = 1 - total / dense_total, 1 - nonemb / dense_nonemb
