@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench bench-depth bench-width bench-frontier clean
+.PHONY: setup demo test test-slow lint bench bench-depth bench-width bench-frontier bench-recovery clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,9 @@ bench-width: $(STAMP)
 bench-frontier: $(STAMP)
 	$(PY) -m pip install --quiet "matplotlib>=3.8"
 	$(PY) benchmarks/frontier.py
+
+bench-recovery: $(STAMP)
+	$(PY) benchmarks/recovery.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

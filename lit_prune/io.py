@@ -75,10 +75,12 @@ def save_pretrained(
         TypeError: if ``model`` is not a ``PreTrainedModel`` after unwrapping, or still holds PEFT adapters.
     """
     hf_model = unwrap(model)
-    if not isinstance(hf_model, PreTrainedModel) or hasattr(hf_model, "peft_config"):
+    adapters = any(hasattr(m, "lora_A") for m in hf_model.modules())
+    if not isinstance(hf_model, PreTrainedModel) or hasattr(hf_model, "peft_config") or adapters:
         raise TypeError(
-            f"save_pretrained needs a plain Hugging Face model, got {type(hf_model).__name__}; merge LoRA adapters "
-            "first (`merge_and_unload()`)"
+            f"save_pretrained needs a plain Hugging Face model, got {type(hf_model).__name__}"
+            f"{' with LoRA adapters' if adapters else ''}; merge the adapters first "
+            "(`lit_prune.recovery.merge_adapters(module)` or PEFT's `merge_and_unload()`)"
         )
     sync_config(hf_model)
     out = Path(path)

@@ -21,6 +21,8 @@ from lit_prune.functional.perplexity import labels_for, next_token_nll
 from lit_prune.loading import load_model, load_tokenizer, model_from_config
 from lit_prune.metrics import Perplexity
 from lit_prune.plan import PruningPlan
+from lit_prune.recovery.distill import Distillation
+from lit_prune.recovery.lora import lora_record, merge_adapters, restore_lora
 from lit_prune.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -131,15 +133,25 @@ class CausalLMModule(pl.LightningModule):
         self.test_ppl = Perplexity()
         self.pruning_plans: list[dict[str, Any]] = []
         """Plans applied to ``model`` so far, in order (saved in checkpoints and replayed on load)."""
+        self.distillation: Distillation | None = None
+        """When set (by the LoRA callbacks' ``distill=True``), training adds ``alpha · KL(teacher ‖ student)``."""
 
     def apply_plan(self, plan: PruningPlan) -> None:
-        """Apply a pruning plan to the wrapped model and remember it for checkpoints."""
+        """Apply a pruning plan to the wrapped model and remember it for checkpoints.
+
+        LoRA adapters, if attached, are merged first: surgery acts on the merged weights.
+        """
+        if merge_adapters(self):
+            log.info("Merged LoRA adapters before applying a pruning plan")
         apply_plan(self.model, plan)
         self.pruning_plans.append(plan.to_dict())
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_prune_plans"] = list(self.pruning_plans)
+        record = lora_record(self.model)
+        if record is not None:
+            checkpoint["lit_prune_lora"] = record
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -154,6 +166,10 @@ class CausalLMModule(pl.LightningModule):
             self.apply_plan(PruningPlan.from_dict(entry))
         if len(saved) > 0:
             log.info("Replayed %d pruning plan(s) from the checkpoint before loading its weights", len(saved))
+        record = checkpoint.get("lit_prune_lora")
+        if record is not None and lora_record(self.model) is None:
+            self.model = restore_lora(self.model, record)  # type: ignore[assignment]  # the PEFT wrapper
+            log.info("Re-attached the checkpoint's LoRA adapters (%s) before loading its weights", record["spec"])
 
     @override
     def forward(self, **kwargs: Any) -> Any:
@@ -172,10 +188,15 @@ class CausalLMModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Mean next-token NLL over the supervised tokens of the batch."""
+        """Mean next-token NLL over the supervised tokens of the batch (plus the distillation term, if set)."""
         logits, labels = self._logits_and_labels(batch)
         nll, count = next_token_nll(logits, labels)
         loss = (nll / count.clamp_min(1)).float()  # float32 even for bf16 models
+        if self.distillation is not None:
+            kl = self.distillation.kl(batch["input_ids"], batch.get("attention_mask"), logits, labels)
+            self.log("train_ce", loss, batch_size=labels.size(0))
+            self.log("train_kl", kl, batch_size=labels.size(0))
+            loss = loss + self.distillation.alpha * kl
         self.log("train_loss", loss, prog_bar=True, batch_size=labels.size(0))
         return loss
 

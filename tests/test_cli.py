@@ -214,3 +214,33 @@ def test_demo_runs_mop_and_prints_dense_vs_pruned(fake_loading, tmp_path):
     table = demo.run_demo(["--target", "0.2", "--holdout", "2", "--output", str(tmp_path / "demo")])
     assert "| | dense | MoP 20% |" in table and "MoP path" in table and "perplexity" in table
     assert (tmp_path / "demo" / "config.json").is_file()
+
+
+def test_mop_recover_config_prunes_then_recovers_in_one_fit(tmp_path, tiny_model_dir):
+    from lit_prune import load_pretrained
+    from lit_prune.callbacks import CKALoRA, MixtureOfPruners
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/mop_recover.yaml").read_text())
+    words = ["fox", "dog", "heads", "blocks", "lora", "cka", "prune", "merge"]
+    records = [{"instruction": f"Say {w} twice.", "input": "", "output": f"{w} {w}."} for w in words * 3]
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps(records))
+    cfg["model"] = {"model": str(tiny_model_dir)}
+    cfg["data"]["init_args"].update(path=str(alpaca), seq_len=512, val_fraction=0.1)
+    cfg["trainer"].update(accelerator="cpu", max_steps=3, val_check_interval=1.0, limit_val_batches=1, logger=False,
+                          enable_progress_bar=False, default_root_dir=str(tmp_path / "run"))
+    path = tmp_path / "mop_recover.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = trainer_cli(["fit", "--config", str(path)])
+    mop, cka = cli.trainer.callbacks[0], cli.trainer.callbacks[1]
+    assert isinstance(mop, MixtureOfPruners) and mop.finished
+    assert isinstance(cka, CKALoRA) and len(cka.attachments) == 1
+    blocks = cli.model.model.config.num_hidden_layers
+    assert len(cka.attachments[0]["layers"]) == blocks // 2  # floor(0.5 * L) of the pruned model
+    assert cli.trainer.global_step == 3
+    merged = load_pretrained(tmp_path / "run" / "lora-merged")
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in cli.model.model.parameters())
+    x = torch.randint(4, 200, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, cli.model.model.eval()(input_ids=x).logits)
+    assert (tmp_path / "run" / "lora-adapter" / "adapter_config.json").is_file()

@@ -88,7 +88,7 @@ def test_save_refuses_peft_models(tmp_path):
     peft = pytest.importorskip("peft")
     model = LlamaForCausalLM(tiny_config())
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(TypeError, match="merge LoRA adapters"):
+    with pytest.raises(TypeError, match="with LoRA adapters; merge the adapters first"):
         save_pretrained(wrapped, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

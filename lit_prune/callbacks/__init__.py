@@ -2,7 +2,16 @@
 
 from lit_prune.callbacks.base import PruningCallback, rebuild_after_surgery
 from lit_prune.callbacks.depth import DepthPruning
+from lit_prune.callbacks.lora import CKALoRA, LoRA
 from lit_prune.callbacks.mop import MixtureOfPruners
 from lit_prune.callbacks.width import WidthPruning
 
-__all__ = ["DepthPruning", "MixtureOfPruners", "PruningCallback", "WidthPruning", "rebuild_after_surgery"]
+__all__ = [
+    "CKALoRA",
+    "DepthPruning",
+    "LoRA",
+    "MixtureOfPruners",
+    "PruningCallback",
+    "WidthPruning",
+    "rebuild_after_surgery",
+]

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lit_prune.plan import PruningPlan
+from lit_prune.recovery.lora import merge_adapters
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class PruningCallback(Callback):
         return factory()
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        merge_before_surgery(pl_module, type(self).__name__, self.verbose)
         plan = self.prune(pl_module, self.calibration_loader(getattr(trainer, "datamodule", None)))
         self.plans.append(plan.to_dict())
         rebuild_after_surgery(trainer)
@@ -143,9 +145,7 @@ class PruningCallback(Callback):
 
     def _write_plan(self, trainer: pl.Trainer, plan: PruningPlan) -> Path | None:
         """Write the plan as JSON next to the checkpoints (rank 0 only); return the path."""
-        ckpt = trainer.checkpoint_callback
-        # every rank evaluates this: `trainer.log_dir` is a collective (a broadcast) under DDP
-        folder = Path(getattr(ckpt, "dirpath", None) or trainer.log_dir or trainer.default_root_dir)
+        folder = output_folder(trainer)
         if not trainer.is_global_zero:
             return None
         path = folder / f"{self.name}-plan-{len(self.plans)}.json"
@@ -163,6 +163,21 @@ class PruningCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.plans = list(state_dict.get("plans", []))
+
+
+def output_folder(trainer: pl.Trainer) -> Path:
+    """Where callbacks write plans and models: the checkpoint folder, else the log folder, else the root folder.
+
+    Every rank must call this: ``trainer.log_dir`` is a collective (a broadcast) under DDP.
+    """
+    ckpt = trainer.checkpoint_callback
+    return Path(getattr(ckpt, "dirpath", None) or trainer.log_dir or trainer.default_root_dir)
+
+
+def merge_before_surgery(pl_module: pl.LightningModule, who: str, verbose: int = 1, why: str = "pruning") -> None:
+    """Merge LoRA adapters (if attached) so structural surgery acts on plain projections with the merged weights."""
+    if merge_adapters(pl_module) and verbose:
+        rank_zero_info(f"{who}: merged the LoRA adapters into the weights before {why}")
 
 
 def rebuild_after_surgery(trainer: pl.Trainer) -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lit_prune.arch import adapter_for, unwrap
-from lit_prune.callbacks.base import PruningCallback, rebuild_after_surgery
+from lit_prune.callbacks.base import PruningCallback, merge_before_surgery, output_folder, rebuild_after_surgery
 from lit_prune.io import save_pretrained
 from lit_prune.mop.proxy import PROXIES
 from lit_prune.mop.search import DEPTH, MOP_DEPTH_CRITERIA, WIDTH, MoPSearch, MoPStep
@@ -188,6 +188,8 @@ class MixtureOfPruners(PruningCallback):
         return self._search
 
     def _steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._search is None or not self._search.done():
+            merge_before_surgery(pl_module, "MixtureOfPruners", self.verbose)  # scores and surgery see plain weights
         search = self.search_for(pl_module, self.calibration_loader(getattr(trainer, "datamodule", None)))
         if self.recover_epochs > 0:
             search.invalidate()  # the weights were trained since the last step
@@ -268,9 +270,8 @@ class MixtureOfPruners(PruningCallback):
             )
         if not (self.finished and self.save_model):
             return
-        ckpt = trainer.checkpoint_callback
-        # every rank evaluates this: `trainer.log_dir` is a collective (a broadcast) under DDP
-        folder = Path(getattr(ckpt, "dirpath", None) or trainer.log_dir or trainer.default_root_dir)
+        folder = output_folder(trainer)
+        merge_before_surgery(pl_module, "MixtureOfPruners", self.verbose, why="saving mop-final")
         if trainer.is_global_zero:
             plans = [PruningPlan.from_dict(p) for p in self.plans]
             tokenizer = getattr(pl_module, "tokenizer", None)

@@ -17,6 +17,7 @@ from lit_prune._validation import check_int
 from lit_prune.datamodules.base import Batch, TokenDataModule
 from lit_prune.datamodules.sources import check_file, read_jsonl
 from lit_prune.functional.perplexity import IGNORE_INDEX
+from lit_prune.presets import resolve_data_uri
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class InstructionDataModule(TokenDataModule):
     ``{"input_ids", "attention_mask", "labels"}``, each a ``(batch, length)`` LongTensor.
 
     Args:
-        path: the ``.json`` / ``.jsonl`` file.
+        path: the ``.json`` / ``.jsonl`` file (``data://alpaca/alpaca_5000.json`` names the shared data folder).
         prompt_style: ``"alpaca"`` (the Stanford Alpaca template, with or without input) or ``"chat"`` (the
             tokenizer's chat template, with one user message ``instruction`` (+ blank line + ``input``) and the
             generation prompt).
@@ -140,6 +141,7 @@ class InstructionDataModule(TokenDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}")
         check_int("max_samples", max_samples, allow_none=True)
+        path = resolve_data_uri(path, "path")  # data://alpaca/... names the shared data folder
         check_file(path, "path", _SUFFIXES)
         self.path = path
         self.prompt_style = prompt_style

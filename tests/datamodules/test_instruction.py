@@ -207,3 +207,15 @@ def test_instruction_datamodule_misconfiguration(tmp_path, alpaca_file, tiny_tok
     no_eos.eos_token = None
     with pytest.raises(ValueError, match=r"has no EOS token; set `eos_token`"):
         InstructionDataModule(str(alpaca_file), tokenizer=no_eos).setup("fit")
+
+
+def test_data_uri_names_the_shared_data_folder(tmp_path, monkeypatch, tiny_tokenizer):
+    (tmp_path / "alpaca").mkdir()
+    (tmp_path / "alpaca" / "a.json").write_text(json.dumps(RECORDS))
+    monkeypatch.setenv("LIT_PRUNE_DATA_DIR", str(tmp_path))
+    dm = InstructionDataModule("data://alpaca/a.json", tokenizer=tiny_tokenizer, val_fraction=0.0)
+    assert dm.path == str(tmp_path / "alpaca" / "a.json")
+    dm.setup("fit")
+    assert len(dm._train) == len(RECORDS)
+    with pytest.raises(FileNotFoundError, match="alpaca/missing.json. does not exist"):
+        InstructionDataModule("data://alpaca/missing.json", tokenizer=tiny_tokenizer)

@@ -1,0 +1,250 @@
+"""LoRA through PEFT on a Hugging Face causal LM: attach, count, merge, and the spec that reproduces it.
+
+The spec (:class:`LoRASpec`) is plain data so it goes into checkpoints: a resumed run re-attaches the same
+adapters before the weights are loaded. Merging folds every adapter into its base weight and restores which base
+parameters were trainable before the adapters froze them, so training (or surgery) continues on a plain model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from lit_prune.arch import adapter_for
+
+log = logging.getLogger(__name__)
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The 7 projections of every LLaMA-family block (attention and MLP): the default LoRA targets."""
+
+RECORD_ATTR = "lit_prune_lora"
+"""Attribute of an adapter-wrapped model holding ``{"spec": ..., "trainable_before": [...]}``."""
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """What to attach: LoRA rank, scale, dropout, target projections and blocks (None = every block).
+
+    Args:
+        r: adapter rank.
+        alpha: LoRA alpha; the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter input during training.
+        target_modules: names of the Linear modules (last name component) that get adapters.
+        layers: block indices that get adapters (PEFT ``layers_to_transform``); None = all blocks.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = LLAMA_TARGETS
+    layers: tuple[int, ...] | None = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (lists instead of tuples)."""
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoRASpec:
+        """Inverse of :meth:`to_dict`."""
+        layers = data.get("layers")
+        return cls(
+            r=int(data["r"]),
+            alpha=float(data["alpha"]),
+            dropout=float(data["dropout"]),
+            target_modules=tuple(data["target_modules"]),
+            layers=None if layers is None else tuple(int(i) for i in layers),
+        )
+
+    def peft_config(self) -> Any:
+        """The PEFT ``LoraConfig`` for this spec."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float scale works
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            layers_to_transform=None if self.layers is None else list(self.layers),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+def check_lora_args(r: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the bad value when a LoRA hyperparameter is out of range."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"`r` must be an int >= 1, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"`alpha` must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+    if isinstance(target_modules, str) or not target_modules or not all(isinstance(t, str) for t in target_modules):
+        raise ValueError(f"`target_modules` must be a non-empty list of module names, got {target_modules!r}")
+
+
+def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[int, dict[str, nn.Linear]]:
+    """``{block: {qualified name inside the block: Linear}}`` for every target projection of every block.
+
+    A projection that already carries a PEFT adapter counts as its base ``Linear``.
+    """
+    hf_model = _plain(model)
+    wanted = set(target_modules)
+    found: dict[int, dict[str, nn.Linear]] = {}
+    for b, block in enumerate(adapter_for(hf_model).blocks(hf_model)):
+        found[b] = {}
+        for name, module in block.named_modules():
+            base = _base_linear(module)
+            if name.rsplit(".", 1)[-1] in wanted and isinstance(base, nn.Linear):
+                found[b][name] = base
+    return found
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    """The Linear under a PEFT LoRA layer (its ``base_layer``), or ``module`` itself."""
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) else module
+
+
+def check_spec(model: nn.Module, spec: LoRASpec) -> None:
+    """Raise ``ValueError`` if ``spec`` cannot be attached to ``model`` (nothing is modified).
+
+    Checks that every target name exists as a Linear in the blocks and that ``layers`` are valid block indices.
+    """
+    hf_model = _plain(model)
+    per_block = target_linears(hf_model, spec.target_modules)
+    present = {name.rsplit(".", 1)[-1] for linears in per_block.values() for name in linears}
+    missing = sorted(set(spec.target_modules) - present)
+    if missing:
+        available = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in adapter_for(hf_model).blocks(hf_model)[0].named_modules()
+                if isinstance(_base_linear(m), nn.Linear) and not {"base_layer", "lora_A", "lora_B"} & set(n.split("."))
+            }
+        )
+        raise ValueError(
+            f"`target_modules` {missing} match no Linear in the model's blocks; the blocks have {available}"
+        )
+    if spec.layers is not None:
+        num_blocks = len(per_block)
+        bad = [i for i in spec.layers if not 0 <= i < num_blocks]
+        if bad or not spec.layers:
+            raise ValueError(
+                f"`layers` must be a non-empty list of block indices in 0..{num_blocks - 1}, got {list(spec.layers)}"
+            )
+
+
+def lora_param_count(model: nn.Module, spec: LoRASpec) -> int:
+    """Trainable parameters LoRA with ``spec`` adds: ``r · (in + out)`` for each target Linear of each chosen block."""
+    per_block = target_linears(model, spec.target_modules)
+    chosen = per_block if spec.layers is None else {b: per_block[b] for b in spec.layers}
+    return sum(spec.r * (lin.in_features + lin.out_features) for linears in chosen.values() for lin in linears.values())
+
+
+def is_lora(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT wrapper (adapters attached and not merged)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "merge_and_unload", None))
+
+
+def trainable_params(model: nn.Module) -> int:
+    """Number of parameters with ``requires_grad`` (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
+def attach_lora(model: PreTrainedModel, spec: LoRASpec) -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters as in ``spec``; every other parameter is frozen.
+
+    Returns the PEFT model (it shares its weights with ``model``). It remembers ``spec`` and which base parameters
+    were trainable, so :func:`merge_lora` can restore them.
+
+    Raises:
+        TypeError: if ``model`` already carries adapters.
+        ValueError: if ``spec`` does not fit ``model`` (see :func:`check_spec`).
+    """
+    from peft import get_peft_model
+
+    if is_lora(model):
+        raise TypeError("The model already carries LoRA adapters; merge them (merge_lora) before attaching new ones")
+    check_spec(model, spec)
+    trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
+    wrapped = get_peft_model(model, spec.peft_config())
+    setattr(wrapped, RECORD_ATTR, {"spec": spec.to_dict(), "trainable_before": trainable_before})
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> PreTrainedModel:
+    """Fold the adapters of a PEFT model into its base weights; return the plain model (same object as attached).
+
+    Base parameters that were trainable before :func:`attach_lora` become trainable again.
+    """
+    record = getattr(model, RECORD_ATTR, None)
+    base = model.merge_and_unload()  # type: ignore[operator]
+    if record is not None:
+        trainable = set(record["trainable_before"])
+        for name, p in base.named_parameters():
+            p.requires_grad_(name in trainable)
+    return base
+
+
+def lora_record(model: nn.Module) -> dict[str, Any] | None:
+    """``{"spec", "trainable_before"}`` of an adapter-wrapped model (None for a plain one)."""
+    record = getattr(model, RECORD_ATTR, None) if is_lora(model) else None
+    return dict(record) if record is not None else None
+
+
+def restore_lora(model: PreTrainedModel, record: dict[str, Any]) -> nn.Module:
+    """Re-attach adapters from a :func:`lora_record` (a resumed checkpoint), keeping its trainable-before list."""
+    wrapped = attach_lora(model, LoRASpec.from_dict(record["spec"]))
+    setattr(wrapped, RECORD_ATTR, dict(record))
+    return wrapped
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def attach_to_module(pl_module: nn.Module, spec: LoRASpec) -> nn.Module:
+    """Attach LoRA to the model a LightningModule holds in ``.model`` (e.g. :class:`~lit_prune.CausalLMModule`).
+
+    Raises:
+        TypeError: if ``pl_module`` has no ``.model`` or it already carries adapters.
+        ValueError: if ``spec`` does not fit the model.
+    """
+    model = _held_model(pl_module)
+    wrapped = attach_lora(model, spec)  # type: ignore[arg-type]
+    pl_module.model = wrapped
+    return wrapped
+
+
+def merge_adapters(pl_module: nn.Module) -> bool:
+    """Merge the LoRA adapters of ``pl_module.model`` in place, if it has any; return whether it had.
+
+    Pruning callbacks call this before any structural surgery: surgery on a merged model keeps its outputs,
+    while surgery on adapter-wrapped projections would drop or misalign the adapters.
+    """
+    model = getattr(pl_module, "model", None)
+    if model is None or not is_lora(model):
+        return False
+    pl_module.model = merge_lora(model)
+    log.info("Merged LoRA adapters into the base weights")
+    return True
+
+
+def _held_model(pl_module: nn.Module) -> nn.Module:
+    model = getattr(pl_module, "model", None)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"LoRA needs a LightningModule that holds its Hugging Face model as `.model` (like CausalLMModule), "
+            f"got {type(pl_module).__name__}"
+        )
+    return model
