@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
@@ -33,7 +33,7 @@ from lit_prune.callbacks.base import PruningCallback, output_folder, rebuild_aft
 from lit_prune.io import save_pretrained
 from lit_prune.plan import PruningPlan
 from lit_prune.recovery.cka import cka_importance, select_blocks
-from lit_prune.recovery.distill import Distillation, frozen_copy
+from lit_prune.recovery.distill import Distillation, freeze, frozen_copy
 from lit_prune.recovery.lora import (
     LLAMA_TARGETS,
     LoRASpec,
@@ -43,6 +43,7 @@ from lit_prune.recovery.lora import (
     is_lora,
     lora_param_count,
     merge_adapters,
+    save_adapter,
     trainable_params,
 )
 
@@ -185,7 +186,7 @@ class LoRA(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
             raise MisconfigurationException(
                 f"{type(self).__name__} cannot yet rebuild a {type(trainer.strategy).__name__} after attaching "
                 "adapters; use strategy='ddp'"
@@ -211,12 +212,14 @@ class LoRA(Callback):
             raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
 
     def _make_teacher(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        student = unwrap(pl_module)
         if self.teacher is None:
-            teacher = frozen_copy(unwrap(pl_module))
+            teacher = frozen_copy(student)
         elif isinstance(self.teacher, str):
             from lit_prune.loading import load_model
 
-            teacher = frozen_copy(load_model(self.teacher))
+            dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
+            teacher = freeze(load_model(self.teacher, dtype=dtype))  # loaded for us: no copy needed
         else:
             teacher = frozen_copy(self.teacher)
         if self.verbose:
@@ -227,6 +230,8 @@ class LoRA(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._distillation is not None:
+            # the student was just converted by the precision plugin (e.g. "bf16-true"); the teacher follows
+            trainer.precision_plugin.convert_module(self._distillation.teacher)
             self._distillation.to(self.teacher_device or pl_module.device)
             if hasattr(pl_module, "distillation"):
                 setattr(pl_module, "distillation", self._distillation)
@@ -248,28 +253,42 @@ class LoRA(Callback):
         self._maybe_attach(trainer, pl_module)  # a pruning callback listed after this one merged in the same hook
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        held: Any = getattr(pl_module, "model", None)
-        if held is None or not is_lora(held):
-            return
-        folder = output_folder(trainer)
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save the adapter (optional), merge it, save the merged model, and free the teacher.
+
+        Runs after the Trainer's own end-of-training checkpoint, which therefore still holds the adapters (and the
+        optimizer state that belongs to them), so a run resumed from it continues the same adapters.
+        """
+        try:
+            if not self.attachments:
+                rank_zero_warn(
+                    f"{type(self).__name__} never attached adapters in this fit: a pruning callback listed before it "
+                    "did not run (e.g. its `at_epoch` was not reached), so the whole model trained"
+                )
+            held: Any = getattr(pl_module, "model", None)
+            if held is not None and is_lora(held):
+                self._finish(trainer, pl_module, held)
+        finally:
+            self._drop_teacher(pl_module)
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, held: Any) -> None:
+        folder = output_folder(trainer)  # every rank: a collective under DDP
         if self.save_adapter and trainer.is_global_zero:
-            held.save_pretrained(folder / "lora-adapter")
+            save_adapter(held, folder / "lora-adapter", folder / "lora-base", getattr(pl_module, "tokenizer", None))
             if self.verbose:
-                rank_zero_info(f"{type(self).__name__}: saved the adapter to {folder / 'lora-adapter'}")
+                rank_zero_info(
+                    f"{type(self).__name__}: saved the adapter to {folder / 'lora-adapter'} and the model it applies "
+                    f"to (pruned, unmerged) to {folder / 'lora-base'}"
+                )
         if not self.merge_at_end:
             return
         merge_adapters(pl_module)
         if self.verbose:
-            rank_zero_info(f"{type(self).__name__}: merged the adapters into the weights at the end of training")
+            rank_zero_info(f"{type(self).__name__}: merged the adapters into the weights at the end of the fit")
         if self.save_model and trainer.is_global_zero:
             plans = [PruningPlan.from_dict(p) for p in getattr(pl_module, "pruning_plans", [])]
             tokenizer = getattr(pl_module, "tokenizer", None)
             save_pretrained(unwrap(pl_module), folder / "lora-merged", tokenizer=tokenizer, plans=plans)
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._drop_teacher(pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -283,11 +302,11 @@ class LoRA(Callback):
 
     # --- attaching -----------------------------------------------------------------------------------------------
     def due(self, trainer: pl.Trainer) -> bool:
-        """Whether every pruning callback listed before this one has pruned (True when there is none)."""
+        """Whether every pruning callback listed before this one has pruned or finished (True when there is none)."""
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if callback is self:
                 return True
-            if isinstance(callback, PruningCallback) and not callback.plans:
+            if isinstance(callback, PruningCallback) and not (callback.plans or callback.done):
                 return False
         return True
 
@@ -431,7 +450,7 @@ class CKALoRA(LoRA):
     @override
     def choose_layers(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[int] | None:
         """Score every block by ``1 − CKA`` on ``n_samples`` rows and keep the top ``floor(ratio · L)``."""
-        loader = self.calibration if self.calibration is not None else training_loader(trainer)
+        loader = sequential(self.calibration if self.calibration is not None else training_loader(trainer))
         model = unwrap(pl_module)
         importance = cka_importance(model, loader, self.n_samples, progress=self.verbose > 0)
         num_blocks = int(importance.numel())
@@ -452,6 +471,17 @@ class CKALoRA(LoRA):
         if self.last_importance is None:
             return {}
         return {f"{self.name}/importance/block_{i:02d}": float(v) for i, v in enumerate(self.last_importance.tolist())}
+
+
+def sequential(loader: Any) -> Any:
+    """A private, unshuffled DataLoader over ``loader``'s dataset: the first rows, the same on every rank.
+
+    Iterating the training loader itself would advance its shuffle generator (changing the order of later epochs)
+    and, with persistent workers, reset the iterator the fit loop is using.
+    """
+    if not isinstance(loader, DataLoader):
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, shuffle=False, collate_fn=loader.collate_fn)
 
 
 def training_loader(trainer: pl.Trainer) -> Any:

@@ -21,6 +21,7 @@ from lit_prune.io import save_pretrained
 from lit_prune.mop.proxy import PROXIES
 from lit_prune.mop.search import DEPTH, MOP_DEPTH_CRITERIA, WIDTH, MoPSearch, MoPStep
 from lit_prune.plan import PruningPlan
+from lit_prune.recovery.lora import merged_copy
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +272,11 @@ class MixtureOfPruners(PruningCallback):
         if not (self.finished and self.save_model):
             return
         folder = output_folder(trainer)
-        merge_before_surgery(pl_module, "MixtureOfPruners", self.verbose, why="saving mop-final")
         if trainer.is_global_zero:
             plans = [PruningPlan.from_dict(p) for p in self.plans]
             tokenizer = getattr(pl_module, "tokenizer", None)
-            save_pretrained(unwrap(pl_module), folder / "mop-final", tokenizer=tokenizer, plans=plans)
+            # adapters still attached (a LoRA callback listed after this one merges later): save a merged copy
+            save_pretrained(merged_copy(pl_module), folder / "mop-final", tokenizer=tokenizer, plans=plans)
 
     # --- the PruningCallback interface (used by `lit-prune prune`) --------------------------------------------------
     @override

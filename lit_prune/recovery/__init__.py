@@ -3,8 +3,8 @@
 The callbacks that use these stages are :class:`~lit_prune.callbacks.LoRA` and :class:`~lit_prune.callbacks.CKALoRA`.
 """
 
-from lit_prune.recovery.cka import cka_importance, select_blocks, take_samples
-from lit_prune.recovery.distill import Distillation, frozen_copy
+from lit_prune.recovery.cka import cka_importance, last_token_states, linear_cka, select_blocks, take_samples
+from lit_prune.recovery.distill import Distillation, freeze, frozen_copy
 from lit_prune.recovery.lora import (
     LLAMA_TARGETS,
     LoRASpec,
@@ -15,7 +15,9 @@ from lit_prune.recovery.lora import (
     lora_record,
     merge_adapters,
     merge_lora,
+    merged_copy,
     restore_lora,
+    save_adapter,
     trainable_params,
 )
 
@@ -26,13 +28,18 @@ __all__ = [
     "attach_lora",
     "attach_to_module",
     "cka_importance",
+    "freeze",
     "frozen_copy",
     "is_lora",
+    "last_token_states",
+    "linear_cka",
     "lora_param_count",
     "lora_record",
     "merge_adapters",
     "merge_lora",
+    "merged_copy",
     "restore_lora",
+    "save_adapter",
     "select_blocks",
     "take_samples",
     "trainable_params",

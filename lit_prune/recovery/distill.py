@@ -21,6 +21,13 @@ from lit_prune.recovery.lora import is_lora
 log = logging.getLogger(__name__)
 
 
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode with every parameter frozen, in place; returns it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` in eval mode with every parameter frozen (the distillation teacher).
 
@@ -29,10 +36,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     """
     if is_lora(model):
         raise TypeError("The teacher must be a plain model; merge its LoRA adapters before copying it")
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
+    return freeze(copy.deepcopy(model))
 
 
 class Distillation:

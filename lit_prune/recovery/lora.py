@@ -7,15 +7,17 @@ parameters were trainable before the adapters froze them, so training (or surger
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
 
-from lit_prune.arch import adapter_for
+from lit_prune.arch import adapter_for, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,35 @@ def merge_adapters(pl_module: nn.Module) -> bool:
     pl_module.model = merge_lora(model)
     log.info("Merged LoRA adapters into the base weights")
     return True
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """The plain model with the adapters of ``model`` merged, leaving ``model`` itself untouched (a deep copy).
+
+    A model without adapters is returned as is (the Hugging Face model under a LightningModule, not a copy).
+    """
+    held = model if is_lora(model) else getattr(model, "model", None)
+    if held is None or not is_lora(held):
+        return unwrap(model)
+    return merge_lora(copy.deepcopy(held))
+
+
+def save_adapter(model: nn.Module, adapter_dir: str | Path, base_dir: str | Path, tokenizer: Any = None) -> None:
+    """Save the adapter alone (PEFT format) to ``adapter_dir`` and the model it applies to to ``base_dir``.
+
+    The base is the current (pruned, unmerged) model, saved with :func:`lit_prune.save_pretrained`; the adapter's
+    ``base_model_name_or_path`` points at it, so ``PeftModel.from_pretrained(load_pretrained(base_dir),
+    adapter_dir)`` rebuilds the adapter model. Needs one transient copy of the model.
+    """
+    from lit_prune.io import save_pretrained
+
+    if not is_lora(model):
+        raise TypeError(f"save_adapter needs a model with LoRA adapters, got {type(model).__name__}")
+    base = copy.deepcopy(model).unload()  # type: ignore[operator]  # adapters removed, not merged
+    save_pretrained(base, base_dir, tokenizer=tokenizer)
+    for config in model.peft_config.values():  # type: ignore[union-attr,operator]
+        config.base_model_name_or_path = str(Path(base_dir).resolve())
+    model.save_pretrained(adapter_dir)  # type: ignore[operator]
 
 
 def _held_model(pl_module: nn.Module) -> nn.Module:

@@ -1,7 +1,7 @@
 """Run by test_ddp_lora: DepthPruning then CKALoRA under `strategy="ddp"` on 2 CPU ranks (Lightning relaunches it).
 
-Every rank trains (and so scores the blocks) on its own data. The CKA sums must reduce to the same importances, both
-ranks must attach adapters to the same blocks of the pruned model, and DDP must keep the adapters identical.
+Every rank trains (and so scores the blocks) on its own data. Both ranks must attach adapters to the blocks rank 0
+selected on the pruned model, and DDP must keep the adapters identical.
 """
 
 import json

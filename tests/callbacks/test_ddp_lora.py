@@ -18,10 +18,11 @@ def test_ddp_cka_lora_after_depth_pruning_two_cpu_ranks(tmp_path):
     assert records[0]["first_batch"] != records[1]["first_batch"]  # the ranks trained on different data
     assert records[0]["drop_layers"] == records[1]["drop_layers"] and len(records[0]["drop_layers"]) == 2
     assert [r["num_layers"] for r in records] == [4, 4]
-    assert records[0]["importance"] == records[1]["importance"]  # CKA sums reduced across ranks
-    assert len(records[0]["importance"]) == 4  # scored on the pruned model
+    assert records[0]["importance"] != records[1]["importance"]  # each rank scored its own samples ...
+    assert len(records[0]["importance"]) == 4  # (on the pruned model)
     layers = [r["attachments"][-1]["layers"] for r in records]
-    assert layers[0] == layers[1] and len(layers[0]) == 2 and set(layers[0]) <= set(range(4))
+    rank0 = sorted(sorted(range(4), key=lambda i: -records[0]["importance"][i])[:2])
+    assert layers[0] == layers[1] == rank0  # ... and every rank attached rank 0's selection
     assert [len(r["attachments"]) for r in records] == [1, 1]
     assert [r["global_step"] for r in records] == [3, 3]
     assert records[0]["trainable"] == records[1]["trainable"]

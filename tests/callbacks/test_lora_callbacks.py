@@ -177,6 +177,13 @@ def test_merge_at_end_restores_trainable_flags_and_saves_model_and_adapter(tmp_p
     assert adapter["r"] == 2 and adapter["layers_to_transform"] == [0, 2]
     assert set(adapter["target_modules"]) == set(LLAMA_TARGETS)
     assert any(p.name.startswith("adapter_model") for p in (tmp_path / "lora-adapter").iterdir())
+    # the adapter applies to the pruned, unmerged model saved next to it: together they give the merged model
+    from peft import PeftModel
+
+    assert adapter["base_model_name_or_path"] == str((tmp_path / "lora-base").resolve())
+    rebuilt = PeftModel.from_pretrained(load_pretrained(tmp_path / "lora-base"), tmp_path / "lora-adapter")
+    assert not torch.equal(_logits(load_pretrained(tmp_path / "lora-base"), X), _logits(model, X))
+    torch.testing.assert_close(_logits(rebuilt, X), _logits(model, X), atol=1e-5, rtol=0)
 
 
 def test_nothing_saved_without_merge_and_a_second_fit_keeps_the_adapters(tmp_path):
@@ -392,9 +399,9 @@ def test_mixture_of_pruners_merges_before_its_steps_and_before_saving_mop_final(
     # attached after the depth step (fit start), merged by the width step one epoch later, attached again
     assert [a["global_step"] for a in lora.attachments][:2] == [0, 1]
     assert lora.attachments[0]["layers"] == list(range(5))
-    assert not is_lora(module.model)  # merge_at_end=False, but MoP merged before saving its final model
+    assert is_lora(module.model)  # merge_at_end=False: MoP saved a merged copy and left the live model alone
     reloaded = load_pretrained(tmp_path / "mop-final")
-    torch.testing.assert_close(_logits(reloaded, X), _logits(module.model, X), atol=0, rtol=0)
+    torch.testing.assert_close(_logits(reloaded, X), _logits(module.model, X), atol=1e-5, rtol=0)
 
 
 def test_cka_lora_after_global_width_pruning_counts_non_uniform_blocks(tmp_path):
@@ -668,3 +675,42 @@ def test_a_teacher_with_unmerged_adapters_is_refused(tmp_path):
             module, train_dataloaders=_loader(seed=1)
         )
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+def test_lora_attaches_after_a_pruning_callback_that_finished_without_pruning(tmp_path):
+    module = CausalLMModule(model=_model())
+    mop = MixtureOfPruners(target=1e-6, proxy="ppl", calibration=_loader(), verbose=0)  # below the smallest unit
+    lora = LoRA(r=2, verbose=0)
+    _trainer(tmp_path, [mop, lora]).fit(module, train_dataloaders=_loader(seed=1))
+    assert mop.finished and not mop.plans
+    assert len(lora.attachments) == 1 and lora.attachments[0]["global_step"] == 0
+
+
+def test_a_lora_that_never_attached_warns(tmp_path):
+    module = CausalLMModule(model=_model())
+    depth = DepthPruning(num_layers=1, at_epoch=5, calibration=_loader(), verbose=0)
+    lora = LoRA(r=2, verbose=0)
+    with pytest.warns(UserWarning, match="never attached adapters in this fit"):
+        _trainer(tmp_path, [depth, lora]).fit(module, train_dataloaders=_loader(seed=1))
+    assert not lora.attachments and not (tmp_path / "lora-merged").exists()
+
+
+def test_the_last_checkpoint_keeps_the_adapters_and_resumes(tmp_path):
+    # merging happens in on_fit_end, after ModelCheckpoint's end-of-training save: last.ckpt holds the adapters and
+    # the optimizer state that belongs to them, so a resumed fit continues the same adapters
+    module = CausalLMModule(model=_model(layers=4), lr=1e-2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=100)
+    _trainer(tmp_path, [LoRA(r=2, verbose=0), ckpt], enable_checkpointing=True, max_steps=2).fit(
+        module, train_dataloaders=_loader(seed=1)
+    )
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["lit_prune_lora"]["spec"]["r"] == 2
+    assert any("lora_A" in k for k in saved["state_dict"])
+    assert not is_lora(module.model)  # merged after the save
+    resumed = CausalLMModule(model=_model(layers=4), lr=1e-2)
+    lora = LoRA(r=2, verbose=0)
+    trainer = _trainer(tmp_path, [lora], max_steps=4)
+    trainer.fit(resumed, train_dataloaders=_loader(seed=1), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    # the checkpoint's adapters were re-attached (not fresh ones): the only attachment is the restored record
+    assert trainer.global_step == 4 and [a["global_step"] for a in lora.attachments] == [0]
+    assert not is_lora(resumed.model)

@@ -181,3 +181,35 @@ def test_select_blocks_floor_order_and_ties():
 def test_select_blocks_errors(ratio, num_blocks, match):
     with pytest.raises(ValueError, match=match):
         select_blocks(torch.rand(num_blocks), ratio)
+
+
+def test_linear_cka_from_grams_equals_the_feature_space_formula():
+    from lit_prune.recovery.cka import linear_cka
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(40, 30, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        12, 30, generator=g, dtype=torch.float64
+    )
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    expected = (yc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
+    assert linear_cka(x, y) == pytest.approx(float(expected), rel=1e-12)
+    assert linear_cka(x, x) == pytest.approx(1.0, rel=1e-12)
+    assert linear_cka(x, 3 * x + 1) == pytest.approx(1.0, rel=1e-12)  # invariant to scale and shift
+    constant = torch.ones(12, 30, dtype=torch.float64)
+    assert linear_cka(constant, 2 * constant) == 1.0 and linear_cka(x, constant) == 0.0
+    with pytest.raises(ValueError, match="same n >= 2"):
+        linear_cka(x[:1], y[:1])
+
+
+def test_the_sequential_loader_reads_the_first_rows_without_touching_the_training_loader():
+    from lit_prune.callbacks.lora import sequential
+
+    data = [{"input_ids": torch.full((4,), i)} for i in range(10)]
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(data, batch_size=3, shuffle=True, generator=g)
+    state = g.get_state()
+    private = sequential(train)
+    assert [int(b["input_ids"][0, 0]) for b in private] == [0, 3, 6, 9]
+    assert torch.equal(g.get_state(), state)  # the training loader's shuffle is untouched
+    assert sequential([1, 2]) == [1, 2]  # non-DataLoader iterables pass through
