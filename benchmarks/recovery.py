@@ -16,7 +16,7 @@ pass and loading the teacher), and checks the targets of issue 6: CKA-LoRA
 keeps ≥ 90% of all-block LoRA's PPL improvement with about half its trainable parameters, and recovery closes ≥ 50%
 of the gap between the pruned and the dense PPL.
 
-    .venv/bin/python benchmarks/recovery.py [--steps 200] [--batch-size 4] [--json benchmarks/recovery_results.json]
+    .venv/bin/python benchmarks/recovery.py [--steps 150] [--batch-size 4] [--json benchmarks/recovery_results.json]
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def run_variant(name: str, work: Path, args: argparse.Namespace) -> dict[str, An
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--r", type=int, default=16)
