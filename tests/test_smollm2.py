@@ -142,3 +142,38 @@ def test_mop_on_the_real_model(tmp_path):
     ids = data.windows("val")[:1, :32]
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_depth_pruning_then_cka_lora_recovers_in_one_fit(tmp_path):
+    """DepthPruning (6 blocks) then CKALoRA on 15 of the 24 left, in one fit: 8 steps lower the held-out PPL."""
+    from lit_prune import load_pretrained
+    from lit_prune.callbacks import CKALoRA, DepthPruning
+    from lit_prune.plan import PruningPlan
+
+    eval_path, calib_path = CPU_PROTOCOL.eval_path(), CPU_PROTOCOL.calibration_path()
+    if eval_path is None or not eval_path.is_file():
+        pytest.skip("WikiText-2 not found in the shared data folder")
+    module = CausalLMModule(model=CPU_PROTOCOL.model, lr=1e-3)
+    data = TextDataModule(tokenizer=module.tokenizer, path=str(calib_path), val_path=str(eval_path),
+                          calibration_path=str(calib_path), seq_len=128, max_val_windows=4, batch_size=4,
+                          max_train_windows=64, calibration_windows=8, cache_dir=str(tmp_path / "cache"))
+    depth = DepthPruning(criterion="bi", num_layers=6, verbose=0)
+    cka = CKALoRA(ratio=0.625, n_samples=32, r=8, alpha=16, verbose=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path, callbacks=[depth, cka])
+    trainer.fit(module, datamodule=data)
+    (attach,) = cka.attachments
+    assert len(attach["layers"]) == 15 and max(attach["layers"]) < 24  # floor(0.625 * 24) blocks of the pruned model
+    assert attach["trainable"] < 0.7 * attach["all_blocks"]
+    assert cka.last_importance is not None and cka.last_importance.shape == (24,)
+    assert bool((cka.last_importance > 0).all())  # no real block is an identity
+    saved = load_pretrained(tmp_path / "lora-merged")  # the merged result, saved as a plain checkpoint
+    ids = data.windows("val")[:1, :32]
+    with torch.inference_mode():
+        torch.testing.assert_close(saved(input_ids=ids).logits, module.model.eval()(input_ids=ids).logits)
+    recovered = perplexity(module.model, data.windows("val"), progress=False)
+    unrecovered = CausalLMModule(model=CPU_PROTOCOL.model)  # the same pruning without the 8 LoRA steps
+    unrecovered.apply_plan(PruningPlan.from_dict(depth.plans[0]))
+    before = perplexity(unrecovered.model, data.windows("val"), progress=False)
+    assert recovered < 0.9 * before
