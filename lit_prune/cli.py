@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_prune.callbacks.base import PruningCallback
+from lit_prune.callbacks.lora import LoRA
 from lit_prune.datamodules import TextDataModule, TokenDataModule
 from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
 from lit_prune.io import save_pretrained
@@ -114,6 +115,9 @@ def run_prune(args: list[str]) -> list[PruningPlan]:
             "lit-prune prune: the config has no pruning callback under `trainer.callbacks` "
             "(e.g. class_path: lit_prune.callbacks.DepthPruning)"
         )
+    skipped = [type(cb).__name__ for cb in getattr(cli.trainer, "callbacks", []) if isinstance(cb, LoRA)]
+    if skipped:
+        log.warning("lit-prune prune: %s act during training and are skipped here; use `lit-prune fit`", skipped)
     module: CausalLMModule = cli.model
     data = cli.datamodule
     if isinstance(data, TokenDataModule) and data.tokenizer is None:

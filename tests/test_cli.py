@@ -244,3 +244,21 @@ def test_mop_recover_config_prunes_then_recovers_in_one_fit(tmp_path, tiny_model
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, cli.model.model.eval()(input_ids=x).logits)
     assert (tmp_path / "run" / "lora-adapter" / "adapter_config.json").is_file()
+
+
+def test_prune_subcommand_skips_recovery_callbacks_with_a_warning(tmp_path, tiny_model_dir, text_file, caplog):
+    from lit_prune import load_pretrained
+
+    path = _tiny_yaml(tmp_path, tiny_model_dir, text_file, calibration_windows=4)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["callbacks"] = [
+        {"class_path": "lit_prune.callbacks.DepthPruning", "init_args": {"num_layers": 1}},
+        {"class_path": "lit_prune.callbacks.CKALoRA", "init_args": {"ratio": 0.5}},
+    ]
+    path.write_text(yaml.safe_dump(cfg))
+    with caplog.at_level(logging.WARNING, logger="lit_prune.cli"):
+        plans = run_prune(["--config", str(path), "--output", str(tmp_path / "pruned")])
+    assert "['CKALoRA'] act during training and are skipped here" in caplog.text
+    reloaded = load_pretrained(tmp_path / "pruned")
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    assert len(plans) == 1 and reloaded.config.num_hidden_layers == 3
