@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench bench-depth bench-width bench-frontier bench-recovery clean
+.PHONY: setup demo test test-slow lint bench bench-depth bench-width bench-frontier bench-recovery bench-zeroshot clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,9 @@ bench-frontier: $(STAMP)
 
 bench-recovery: $(STAMP)
 	$(PY) benchmarks/recovery.py
+
+bench-zeroshot: $(STAMP)
+	$(PY) benchmarks/zeroshot.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -22,6 +22,7 @@ from lit_prune.callbacks.base import PruningCallback
 from lit_prune.callbacks.lora import LoRA
 from lit_prune.datamodules import TextDataModule, TokenDataModule
 from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
+from lit_prune.eval.zeroshot import zero_shot
 from lit_prune.io import save_pretrained
 from lit_prune.module import CausalLMModule
 from lit_prune.plan import PruningPlan
@@ -156,6 +157,15 @@ class EvalOptions:
     """Tokens decoded one at a time with the KV cache (batch 1)."""
     repeats: int = CPU_PROTOCOL.latency_repeats
     """Timed repeats; the median is reported."""
+    tasks: list[str] | None = None
+    """Zero-shot tasks scored with lm-eval on the in-memory model (e.g. [piqa, arc_easy]; local files by default,
+    see ``lit_prune.eval.tasks.LOCAL_TASKS``); none by default. ``--tasks piqa,arc_easy`` is the short form."""
+    limit: int | None = None
+    """Score only the first N items of each zero-shot task (``--limit N``)."""
+    zeroshot_batch_size: int = 8
+    """lm-eval batch size of the zero-shot tasks."""
+    data_dir: str | None = None
+    """Folder of the local zero-shot task files; default the shared data folder ($LIT_PRUNE_DATA_DIR)."""
     output: str | None = None
     """Also write the results as JSON to this file."""
     progress: bool = True
@@ -173,6 +183,8 @@ def eval_parser() -> LightningArgumentParser:
     parser.add_subclass_arguments(TokenDataModule, "data", required=False)
     parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
     parser.add_class_arguments(EvalOptions, "eval")
+    parser.add_argument("--tasks", type=str | None, default=None, help="Zero-shot tasks, comma-separated.")
+    parser.add_argument("--limit", type=int | None, default=None, help="Items per zero-shot task (all: omit).")
     for ignored in ("trainer", "seed_everything", "ckpt_path", "optimizer", "lr_scheduler"):
         parser.add_argument(f"--{ignored}", type=Any, default=None, help="Ignored by eval (config compatibility).")
     return parser
@@ -224,6 +236,8 @@ def run_eval(args: list[str]) -> EvalSummary:
         if opts.latency
         else None
     )
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if cfg.tasks else opts.tasks
+    limit = cfg.limit if cfg.limit is not None else opts.limit
     name = str(module.hparams.get("model") or type(module.model).__name__)
     batch_size = getattr(data, "batch_size", 4)
     summary = evaluate_model(
@@ -235,6 +249,17 @@ def run_eval(args: list[str]) -> EvalSummary:
         latency_kwargs=latency_kwargs,
         progress=opts.progress,
     )
+    if tasks:
+        if module.tokenizer is None:
+            raise SystemExit("lit-prune eval --tasks needs a tokenizer: give --model.tokenizer")
+        summary.zeroshot = zero_shot(
+            module.model,
+            module.tokenizer,
+            tasks,
+            limit=limit,
+            batch_size=opts.zeroshot_batch_size,
+            data_dir=opts.data_dir,
+        )
     print(format_table([summary]))
     if opts.output:
         Path(opts.output).parent.mkdir(parents=True, exist_ok=True)

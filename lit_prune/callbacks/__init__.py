@@ -5,6 +5,7 @@ from lit_prune.callbacks.depth import DepthPruning
 from lit_prune.callbacks.lora import CKALoRA, LoRA
 from lit_prune.callbacks.mop import MixtureOfPruners
 from lit_prune.callbacks.width import WidthPruning
+from lit_prune.callbacks.zeroshot import ZeroShotEval
 
 __all__ = [
     "CKALoRA",
@@ -13,5 +14,6 @@ __all__ = [
     "MixtureOfPruners",
     "PruningCallback",
     "WidthPruning",
+    "ZeroShotEval",
     "rebuild_after_surgery",
 ]

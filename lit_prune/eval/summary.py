@@ -13,6 +13,7 @@ from torch import nn
 from lit_prune.eval.latency import LatencyResult, latency
 from lit_prune.eval.params import ParamCount, count_params
 from lit_prune.eval.perplexity import PerplexityResult, perplexity_details
+from lit_prune.eval.zeroshot import ZeroShotResult
 
 
 @dataclass
@@ -25,6 +26,8 @@ class EvalSummary:
     ppl_source: str | None = None
     """The text the perplexity windows came from (file or dataset)."""
     latency: LatencyResult | None = None
+    zeroshot: ZeroShotResult | None = None
+    """lm-eval zero-shot accuracies (``lit-prune eval --tasks ...``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -81,6 +84,19 @@ def format_table(summaries: Sequence[EvalSummary]) -> str:
         rows.append((f"prefill latency, batch {b}", values))
     if any(r is not None for r in lat):
         rows.append(("decode, batch 1", [f"{r.decode_tokens_per_s:.1f} tok/s" if r else "-" for r in lat]))
+    zs = [s.zeroshot for s in summaries]
+    tasks = list(dict.fromkeys(t for z in zs if z is not None for t in z.acc))
+    for task in tasks:
+        values = []
+        for z in zs:
+            if z is None or task not in z.acc:
+                values.append("-")
+                continue
+            norm = z.acc_norm.get(task)
+            values.append(f"{100 * z.acc[task]:.1f}" + (f" ({100 * norm:.1f})" if norm is not None else ""))
+        rows.append((f"{task} acc (acc_norm), %", values))
+    if tasks:
+        rows.append(("zero-shot avg acc, %", [f"{100 * z.avg:.2f}" if z is not None else "-" for z in zs]))
     header = "| | " + " | ".join(s.name for s in summaries) + " |"
     lines = [header, "|---" * (len(summaries) + 1) + "|"]
     lines += ["| " + label + " | " + " | ".join(values) + " |" for label, values in rows]
@@ -96,5 +112,12 @@ def format_table(summaries: Sequence[EvalSummary]) -> str:
             notes.append(
                 f"{s.name}: latency on {r.device} ({r.dtype}, {r.threads} threads), prompt {r.prompt_len} tokens, "
                 f"decode {r.new_tokens} tokens with KV cache, median of {r.repeats} runs."
+            )
+    for s in summaries:
+        if s.zeroshot is not None:
+            counts = ", ".join(f"{t} {n}" for t, n in s.zeroshot.n_items.items())
+            notes.append(
+                f"{s.name}: zero-shot accuracy with lm-eval (local task files, 0-shot), items per task: {counts}; "
+                f"avg = mean acc over the tasks ({s.zeroshot.seconds:.0f} s)."
             )
     return "\n".join(lines + [""] + notes)
