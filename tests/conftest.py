@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -71,3 +72,19 @@ def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(CORPUS * 10) + "\n")
     return path
+
+
+def quiet_trainer(root: Path | str, callbacks: list, max_steps: int = 3, **overrides: object) -> pl.Trainer:
+    """A single-process CPU Trainer for callback tests: no logger, checkpoints, progress bar or model summary."""
+    args: dict[str, object] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        max_steps=max_steps,
+    )
+    args.update(overrides)
+    return pl.Trainer(callbacks=callbacks, **args)

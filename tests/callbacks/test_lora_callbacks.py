@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import quiet_trainer, tiny_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -44,19 +44,7 @@ def _loader(n=8, t=16, seed=0, batch_size=4) -> DataLoader:
     return DataLoader([{"input_ids": w} for w in torch.randint(4, 256, (n, t), generator=g)], batch_size=batch_size)
 
 
-def _trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        max_steps=3,
-    )
-    args.update(kw)
-    return pl.Trainer(callbacks=callbacks, **args)
+_trainer = quiet_trainer
 
 
 def _analytic(shapes: list[BlockShape], layers, r: int, targets=LLAMA_TARGETS) -> int:

@@ -1,10 +1,11 @@
 import csv
+import functools
 import json
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import quiet_trainer, tiny_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -27,19 +28,7 @@ def _loader(n: int = 4, seed: int = 0) -> DataLoader:
     return DataLoader([{"input_ids": w} for w in torch.randint(4, 256, (n, 16), generator=g)], batch_size=2)
 
 
-def _trainer(root, callbacks, **kw) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        max_steps=2,
-    )
-    args.update(kw)
-    return pl.Trainer(callbacks=callbacks, **args)
+_trainer = functools.partial(quiet_trainer, max_steps=2)
 
 
 def test_one_shot_fit_logs_every_step_and_saves_the_final_model(tmp_path):

@@ -1,9 +1,8 @@
 import json
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import quiet_trainer, tiny_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
@@ -43,19 +42,7 @@ def _loader(n: int = 8, t: int = 16, seed: int = 0) -> DataLoader:
     return DataLoader([{"input_ids": w} for w in torch.randint(4, 256, (n, t), generator=g)], batch_size=4)
 
 
-def _trainer(tmp_path, callbacks, **kw) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        max_steps=3,
-    )
-    args.update(kw)
-    return pl.Trainer(callbacks=callbacks, **args)
+_trainer = quiet_trainer
 
 
 def test_amp_removes_the_zeroed_heads_and_neurons_first_and_keeps_logits():
