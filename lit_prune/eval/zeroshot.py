@@ -115,7 +115,7 @@ def zero_shot(
     Example::
 
         result = zero_shot(module.model, module.tokenizer, tasks=("piqa", "arc_easy"), limit=20)
-        print(result.acc, result.avg)
+        result.acc, result.avg  # per-task accuracy, mean accuracy over the tasks
     """
     if isinstance(tasks, str):
         tasks = (tasks,)

@@ -19,11 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from lit_prune.arch import adapter_for
+from lit_prune.criteria.depth import _CONSTANT_RTOL  # the same rule as the depth criterion's CKA
 from lit_prune.stats._common import _block_input, _block_output, _last_tokens, hooked_pass
 from lit_prune.stats.hooks import Hooks
-
-CONSTANT_RTOL = 1e-10
-"""A centred Gram matrix counts as zero (constant features) below this fraction of the uncentred one's norm."""
 
 
 def take_samples(batches: Iterable[dict[str, Any]], n_samples: int) -> list[dict[str, Any]]:
@@ -111,8 +109,8 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     xc, yc = x - x.mean(0), y - y.mean(0)
     k, l_ = xc @ xc.T, yc @ yc.T  # (n, n)
     k_norm, l_norm = k.norm(), l_.norm()
-    x_constant = bool(k_norm <= CONSTANT_RTOL * (x @ x.T).norm())
-    y_constant = bool(l_norm <= CONSTANT_RTOL * (y @ y.T).norm())
+    x_constant = bool(k_norm <= _CONSTANT_RTOL * (x @ x.T).norm())
+    y_constant = bool(l_norm <= _CONSTANT_RTOL * (y @ y.T).norm())
     if x_constant or y_constant:
         return 1.0 if x_constant and y_constant else 0.0
     return float((k * l_).sum() / (k_norm * l_norm))

@@ -97,7 +97,7 @@ def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[int,
 
     A projection that already carries a PEFT adapter counts as its base ``Linear``.
     """
-    hf_model = _plain(model)
+    hf_model = unwrap(model)
     wanted = set(target_modules)
     found: dict[int, dict[str, nn.Linear]] = {}
     for b, block in enumerate(adapter_for(hf_model).blocks(hf_model)):
@@ -120,7 +120,7 @@ def check_spec(model: nn.Module, spec: LoRASpec) -> None:
 
     Checks that every target name exists as a Linear in the blocks and that ``layers`` are valid block indices.
     """
-    hf_model = _plain(model)
+    hf_model = unwrap(model)
     per_block = target_linears(hf_model, spec.target_modules)
     present = {name.rsplit(".", 1)[-1] for linears in per_block.values() for name in linears}
     missing = sorted(set(spec.target_modules) - present)
@@ -207,12 +207,6 @@ def restore_lora(model: PreTrainedModel, record: dict[str, Any]) -> nn.Module:
     wrapped = attach_lora(model, LoRASpec.from_dict(record["spec"]))
     setattr(wrapped, RECORD_ATTR, dict(record))
     return wrapped
-
-
-def _plain(model: nn.Module) -> nn.Module:
-    """The Hugging Face model under a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def attach_to_module(pl_module: nn.Module, spec: LoRASpec) -> nn.Module:
