@@ -313,7 +313,7 @@ def test_plan_round_trips_through_json() -> None:
 
 def test_make_width_plan_logs(caplog: pytest.LogCaptureFixture) -> None:
     model = _model()
-    with caplog.at_level("INFO", logger="lit_prune.allocation"):
+    with caplog.at_level("INFO", logger="lit_prune.allocation.structured"):
         make_width_plan(model, _random_scores(model), 0.2, method="width:custom")
     assert "Width plan (width:custom, uniform, gqa=query)" in caplog.text
 
