@@ -7,6 +7,7 @@ subcommands a ``trainer:`` section. ``eval`` ignores the Trainer keys so one fil
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -27,12 +28,13 @@ from lit_prune.io import save_pretrained
 from lit_prune.module import CausalLMModule
 from lit_prune.plan import PruningPlan
 from lit_prune.presets import CPU_PROTOCOL
+from lit_prune.report import write_report
 from lit_prune.shapes import loads_without_lit_prune
 
 log = logging.getLogger(__name__)
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
-OWN_SUBCOMMANDS = ("eval", "prune", "demo")
+OWN_SUBCOMMANDS = ("eval", "prune", "report", "demo")
 _NO_TEXT_HINT = (
     "Point it at text with --data.val_path FILE (.txt/.raw/.jsonl/.parquet) or an HF dataset name "
     "(--data.val_path wikitext --data.dataset_config wikitext-2-raw-v1 --data.val_split test)."
@@ -42,8 +44,9 @@ _NO_TEXT_HINT = (
 _DESCRIPTION = (
     "lit-prune: prune Hugging Face causal LMs and recover them with LoRA in one Lightning Trainer. "
     "Trainer subcommands: fit, validate, test. lit-prune subcommands: eval (parameters, perplexity, "
-    "latency table; see `lit-prune eval --help`) and prune (run the config's pruning callbacks without training "
-    "and save the model; `lit-prune prune --config configs/depth.yaml --output DIR`)."
+    "latency, zero-shot table; see `lit-prune eval --help`), prune (run the config's pruning callbacks without "
+    "training and save the model; `lit-prune prune --config configs/depth.yaml --output DIR`) and report (write "
+    "report.md with figures for a run folder; `lit-prune report RUN_DIR`)."
 )
 
 
@@ -130,13 +133,14 @@ def run_prune(args: list[str]) -> list[PruningPlan]:
         callback.plans.extend(plan.to_dict() for plan in applied)
         plans.extend(applied)
     output = save_pretrained(module.model, cli.config["output"], tokenizer=module.tokenizer, plans=plans)
+    report = write_report(output)
     first, last = plans[0], plans[-1]
     stock = loads_without_lit_prune(module.model)
     loader = "AutoModelForCausalLM.from_pretrained" if stock else "lit_prune.load_pretrained"
     print(
         f"Pruned with {', '.join(p.method for p in plans)}: params {first.params_before:,} -> {last.params_after:,}; "
         f"saved to {output} (reload: {loader}({str(output)!r}) or "
-        f"`lit-prune eval --model.model {output} --config ...`)"
+        f"`lit-prune eval --model {output} --config ...`); report: {report}"
     )
     return plans
 
@@ -210,6 +214,31 @@ def _eval_windows(data: TokenDataModule | None, module: CausalLMModule) -> tuple
     return windows, data.val_path or data.path
 
 
+def _model_shortcut(args: list[str]) -> list[str]:
+    """``--model PATH`` (a checkpoint folder, hub id or ``builtin:...``) as ``--model.model PATH``.
+
+    ``--model FILE.yaml`` stays a config of the ``model`` section.
+    """
+    out: list[str] = []
+    words = iter(args)
+    for word in words:
+        value = None
+        if word == "--model":
+            value = next(words, None)
+        elif word.startswith("--model="):
+            value = word.split("=", 1)[1]
+        else:
+            out.append(word)
+            continue
+        if value is None:
+            out.append(word)
+        elif value.endswith((".yaml", ".yml", ".json")) or value.lstrip().startswith("{"):
+            out += ["--model", value]
+        else:
+            out += ["--model.model", value]
+    return out
+
+
 def run_eval(args: list[str]) -> EvalSummary:
     """``lit-prune eval``: measure the model a config describes, print the table, optionally write JSON.
 
@@ -220,7 +249,7 @@ def run_eval(args: list[str]) -> EvalSummary:
         The measurements, as printed.
     """
     parser = eval_parser()
-    cfg = parser.parse_args(args)
+    cfg = parser.parse_args(_model_shortcut(args))
     init = parser.instantiate_classes(cfg)
     module: CausalLMModule = init.model
     opts: EvalOptions = init.eval
@@ -268,6 +297,32 @@ def run_eval(args: list[str]) -> EvalSummary:
     return summary
 
 
+def run_report(args: list[str]) -> Path:
+    """``lit-prune report RUN_DIR [--output DIR]``: write ``report.md`` with its figures for a pruning run.
+
+    Args:
+        args: command-line words after ``report``.
+
+    Returns:
+        The path of the written ``report.md``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lit-prune report",
+        description="Write report.md (with PNG figures in report/) for a pruning run: the folder holding the "
+        "'<callback>-plan-<n>.json' files a fit wrote (searched recursively), or a saved model folder with "
+        "pruning_plans.json. Measurements come from report-measurements.json (the PruningReport callback).",
+    )
+    parser.add_argument("run_dir", help="The run folder.")
+    parser.add_argument("--output", default=None, help="Write the report here instead of into RUN_DIR.")
+    opts = parser.parse_args(args)
+    try:
+        path = write_report(opts.run_dir, opts.output)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"lit-prune report: {err}") from None
+    print(f"Wrote {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lit-prune`` console script."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -279,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] == "prune":
         run_prune(argv[1:])
+        return
+    if argv and argv[0] == "report":
+        run_report(argv[1:])
         return
     if argv and argv[0] == "demo":
         from lit_prune.demo import run_demo

@@ -177,3 +177,34 @@ def test_depth_pruning_then_cka_lora_recovers_in_one_fit(tmp_path):
     unrecovered.apply_plan(PruningPlan.from_dict(depth.plans[0]))
     before = perplexity(unrecovered.model, data.windows("val"), progress=False)
     assert recovered < 0.9 * before
+
+
+def test_mop_fit_with_pruning_report_on_the_real_model(tmp_path):
+    """MoP to 6% in a fit with PruningReport: report.md compares dense and pruned (PPL, latency, PIQA) with figures."""
+    from lit_prune.callbacks import MixtureOfPruners, PruningReport
+    from lit_prune.eval.tasks import task_files
+
+    eval_path = CPU_PROTOCOL.eval_path()
+    if eval_path is None or not eval_path.is_file():
+        pytest.skip("WikiText-2 not found in the shared data folder")
+    if not all(p.is_file() for p in task_files("piqa")):
+        pytest.skip("PIQA not found in the shared data folder")
+    module = CausalLMModule(model=CPU_PROTOCOL.model)
+    calib_path = CPU_PROTOCOL.calibration_path()
+    data = TextDataModule(tokenizer=module.tokenizer, path=str(calib_path), val_path=str(eval_path),
+                          calibration_path=str(calib_path), seq_len=128, max_val_windows=4,
+                          calibration_windows=2, max_train_windows=8, cache_dir=str(tmp_path / "cache"))
+    report = PruningReport(max_windows=4, prompt_len=64, batch_sizes=[1], new_tokens=4, repeats=1, tasks=["piqa"],
+                           limit=20, verbose=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path, callbacks=[MixtureOfPruners(target=0.06, verbose=0), report])
+    trainer.fit(module, datamodule=data)
+    assert report.dense.params.total == 134_515_008
+    assert report.pruned.params.total < 0.95 * report.dense.params.total
+    assert report.pruned.ppl.ppl > report.dense.ppl.ppl
+    assert report.dense.zeroshot.n_items == {"piqa": 20}
+    text = report.report_path.read_text()
+    assert "| perplexity |" in text and "| piqa acc, % |" in text and "## MoP path" in text
+    for figure in ("structure", "head_scores", "mop_path"):
+        assert (report.report_path.parent / "report" / f"{figure}.png").stat().st_size > 1000

@@ -591,6 +591,7 @@ def make_width_plan(
         ratio=p,
         kept_heads=kept_head_counts,
         kept_neurons=list(kept_neurons),
+        head_scores=[[round(float(v), 6) for v in block_heads] for block_heads in scores.heads],
     )
     non_embedding = adapter.non_embedding_params(model)
     plan = PruningPlan(

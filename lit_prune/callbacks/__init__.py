@@ -4,6 +4,7 @@ from lit_prune.callbacks.base import PruningCallback, rebuild_after_surgery
 from lit_prune.callbacks.depth import DepthPruning
 from lit_prune.callbacks.lora import CKALoRA, LoRA
 from lit_prune.callbacks.mop import MixtureOfPruners
+from lit_prune.callbacks.report import PruningReport
 from lit_prune.callbacks.width import WidthPruning
 from lit_prune.callbacks.zeroshot import ZeroShotEval
 
@@ -13,6 +14,7 @@ __all__ = [
     "LoRA",
     "MixtureOfPruners",
     "PruningCallback",
+    "PruningReport",
     "WidthPruning",
     "ZeroShotEval",
     "rebuild_after_surgery",

@@ -155,6 +155,14 @@ class PruningCallback(Callback):
             rank_zero_info(f"{type(self).__name__}: wrote the applied plan to {path}")
         return path
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After a fit, the last pruning callback writes ``report.md`` next to the plans (see ``PruningReport``)."""
+        if stage == "fit":
+            from lit_prune.callbacks.report import report_after_fit  # report.py imports this module
+
+            report_after_fit(trainer, self)
+
     # --- checkpoint state --------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
