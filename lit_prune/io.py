@@ -34,6 +34,7 @@ from lit_prune.shapes import (
     shapes_from_config,
     sync_config,
 )
+from lit_prune.sparse.masks import attach_masks, fold_masks
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def save_pretrained(
 
     The config is first brought in line with the real block widths, so a uniform result is a stock checkpoint and a
     non-uniform one carries its per-block record. LoRA adapters must be merged first (a PEFT wrapper is refused).
+    Sparsity masks are folded into the weights for the save (the live model keeps them).
 
     Args:
         model: a Hugging Face causal LM, or a ``CausalLMModule`` holding one.
@@ -85,7 +87,12 @@ def save_pretrained(
     sync_config(hf_model)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(out, **kwargs)
+    masks = fold_masks(hf_model)  # sparsity: zeros in the weights, no weight_mask keys in the files
+    try:
+        hf_model.save_pretrained(out, **kwargs)
+    finally:
+        if masks:
+            attach_masks(hf_model, masks)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if plans:

@@ -23,6 +23,7 @@ from lit_prune.metrics import Perplexity
 from lit_prune.plan import PruningPlan
 from lit_prune.recovery.distill import Distillation
 from lit_prune.recovery.lora import lora_record, merge_adapters, restore_lora
+from lit_prune.sparse.masks import restore_masks_on_load
 from lit_prune.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ class CausalLMModule(pl.LightningModule):
         """Plans applied to ``model`` so far, in order (saved in checkpoints and replayed on load)."""
         self.distillation: Distillation | None = None
         """When set (by the LoRA callbacks' ``distill=True``), training adds ``alpha · KL(teacher ‖ student)``."""
+        restore_masks_on_load(self)  # a checkpoint of a sparse model carries `weight_mask` buffers to recreate
+        self._lit_prune_restores_masks = True
 
     def apply_plan(self, plan: PruningPlan) -> None:
         """Apply a pruning plan to the wrapped model and remember it for checkpoints.

@@ -68,6 +68,13 @@ def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Ten
         bias = linear.bias.detach()
         bias = bias.index_select(0, rows.to(bias.device)) if rows is not None else bias.clone()
         new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    mask = linear._buffers.get("weight_mask")  # a sparsity keep mask (lit_prune.sparse) follows the kept weights
+    if mask is not None and mask.dtype == torch.bool:
+        if rows is not None:
+            mask = mask.index_select(0, rows.to(mask.device))
+        if cols is not None:
+            mask = mask.index_select(1, cols.to(mask.device))
+        new.register_buffer("weight_mask", mask.clone(), persistent=True)
     new.train(linear.training)
     return new
 

@@ -5,6 +5,7 @@ from lit_prune.callbacks.depth import DepthPruning
 from lit_prune.callbacks.lora import CKALoRA, LoRA
 from lit_prune.callbacks.mop import MixtureOfPruners
 from lit_prune.callbacks.report import PruningReport
+from lit_prune.callbacks.sparsity import SparsityPruning
 from lit_prune.callbacks.width import WidthPruning
 from lit_prune.callbacks.zeroshot import ZeroShotEval
 
@@ -15,6 +16,7 @@ __all__ = [
     "MixtureOfPruners",
     "PruningCallback",
     "PruningReport",
+    "SparsityPruning",
     "WidthPruning",
     "ZeroShotEval",
     "rebuild_after_surgery",

@@ -9,6 +9,7 @@ prunes twice nor fails to load the pruned weights (the module replays recorded p
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,7 @@ class PruningCallback(Callback):
             return None
         path = folder / f"{self.name}-plan-{len(self.plans)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        plan.meta.setdefault("written_at", time.time())  # the order plans of several callbacks were applied in
         plan.to_json(path)
         if self.verbose:
             rank_zero_info(f"{type(self).__name__}: wrote the applied plan to {path}")

@@ -165,7 +165,9 @@ def attach_lora(model: PreTrainedModel, spec: LoRASpec) -> nn.Module:
     """Wrap ``model`` with PEFT LoRA adapters as in ``spec``; every other parameter is frozen.
 
     Returns the PEFT model (it shares its weights with ``model``). It remembers ``spec`` and which base parameters
-    were trainable, so :func:`merge_lora` can restore them.
+    were trainable, so :func:`merge_lora` can restore them. On a sparse model (``weight_mask`` buffers, see
+    :mod:`lit_prune.sparse`) each adapter's update ``B·A`` is trained through the mask
+    (:func:`lit_prune.sparse.lora.mask_lora_deltas`), so merging keeps both the outputs and the sparsity.
 
     Raises:
         TypeError: if ``model`` already carries adapters.
@@ -179,16 +181,25 @@ def attach_lora(model: PreTrainedModel, spec: LoRASpec) -> nn.Module:
     trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
     wrapped = get_peft_model(model, spec.peft_config())
     setattr(wrapped, RECORD_ATTR, {"spec": spec.to_dict(), "trainable_before": trainable_before})
+    from lit_prune.sparse.lora import mask_lora_deltas  # lit_prune.sparse imports this module lazily
+
+    mask_lora_deltas(wrapped)  # on a sparse base (weight_mask buffers) the update trains through the mask
     return wrapped
 
 
 def merge_lora(model: nn.Module) -> PreTrainedModel:
     """Fold the adapters of a PEFT model into its base weights; return the plain model (same object as attached).
 
-    Base parameters that were trainable before :func:`attach_lora` become trainable again.
+    Base parameters that were trainable before :func:`attach_lora` become trainable again. Sparsity masks
+    (``weight_mask`` buffers, :mod:`lit_prune.sparse`) are re-applied after the merge, so a sparse model stays exactly
+    as sparse; adapters attached by :func:`attach_lora` trained their update through the mask, so nothing they
+    learned is dropped (adapters attached otherwise lose the part of ``B·A`` on pruned weights).
     """
+    from lit_prune.sparse.masks import reapply_masks_after_merge  # lit_prune.sparse imports this module lazily
+
     record = getattr(model, RECORD_ATTR, None)
     base = model.merge_and_unload()  # type: ignore[operator]
+    reapply_masks_after_merge(base)
     if record is not None:
         trainable = set(record["trainable_before"])
         for name, p in base.named_parameters():

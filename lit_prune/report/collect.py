@@ -35,7 +35,8 @@ class RunRecord:
 
     Args:
         folder: the run folder the files were read from.
-        plans: the applied plans in the order they were applied (parameters only go down, so by ``params_before``).
+        plans: the applied plans in the order they were applied (``meta["written_at"]``; older plan files: by
+            ``params_before``, which only goes down along structural steps).
         trajectory: MoP steps (``step``, ``branch``, ``params_before``, ``params_after``, proxies), if any.
         dense: measurements of the model before pruning, if a :class:`PruningReport` took them.
         pruned: measurements of the model at the end of the run.
@@ -103,15 +104,17 @@ def _read_plans(root: Path) -> list[PruningPlan]:
         )
     if files:
         plans = [PruningPlan.from_json(f) for f in files]
-    else:
-        saved = sorted(root.rglob(PLANS_FILE))
-        if not saved:
-            raise FileNotFoundError(
-                f"No pruning plan under {str(root)!r}: expected '<callback>-plan-<n>.json' files (written next to the "
-                f"checkpoints by the pruning callbacks) or a saved model's {PLANS_FILE}"
-            )
-        plans = [PruningPlan.from_dict(d) for d in json.loads(saved[0].read_text())]
-    return sorted(plans, key=lambda p: -(p.params_before or 0))  # every plan removes parameters: applied order
+        if all("written_at" in p.meta for p in plans):
+            return sorted(plans, key=lambda p: float(p.meta["written_at"]))
+        # older runs: every structural plan removes parameters, so the applied order is by params_before
+        return sorted(plans, key=lambda p: -(p.params_before or 0))
+    saved = sorted(root.rglob(PLANS_FILE))
+    if not saved:
+        raise FileNotFoundError(
+            f"No pruning plan under {str(root)!r}: expected '<callback>-plan-<n>.json' files (written next to the "
+            f"checkpoints by the pruning callbacks) or a saved model's {PLANS_FILE}"
+        )
+    return [PruningPlan.from_dict(d) for d in json.loads(saved[0].read_text())]  # saved in applied order
 
 
 def _one(root: Path, name: str) -> Path | None:

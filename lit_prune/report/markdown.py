@@ -52,6 +52,7 @@ def write_report(run: str | Path | RunRecord, output: str | Path | None = None) 
         "",
         *_steps(record),
         "",
+        *_sparsity(record),
         "## Structure per block",
         "",
         *_image(figures, "structure", "kept blocks, heads and neurons per block"),
@@ -152,10 +153,14 @@ def _measured_rows(dense: EvalSummary, pruned: EvalSummary) -> list[tuple[str, s
                     (f"{task} acc, %", f"{100 * acc:.1f}", f"{100 * after:.1f}", f"{100 * (after - acc):+.1f} pt")
                 )
                 if task in dense.zeroshot.acc_norm and task in pruned.zeroshot.acc_norm:
-                    a, b = dense.zeroshot.acc_norm[task], pruned.zeroshot.acc_norm[task]
-                    rows.append((f"{task} acc_norm, %", f"{100 * a:.1f}", f"{100 * b:.1f}", f"{100 * (b - a):+.1f} pt"))
-        a, b = dense.zeroshot.avg, pruned.zeroshot.avg
-        rows.append(("zero-shot avg acc, %", f"{100 * a:.2f}", f"{100 * b:.2f}", f"{100 * (b - a):+.2f} pt"))
+                    n0, n1 = dense.zeroshot.acc_norm[task], pruned.zeroshot.acc_norm[task]
+                    rows.append(
+                        (f"{task} acc_norm, %", f"{100 * n0:.1f}", f"{100 * n1:.1f}", f"{100 * (n1 - n0):+.1f} pt")
+                    )
+        avg0, avg1 = dense.zeroshot.avg, pruned.zeroshot.avg
+        rows.append(
+            ("zero-shot avg acc, %", f"{100 * avg0:.2f}", f"{100 * avg1:.2f}", f"{100 * (avg1 - avg0):+.2f} pt")
+        )
     return rows
 
 
@@ -192,6 +197,29 @@ def _steps(record: RunRecord) -> list[str]:
             f"{len(narrowed) or '-'} |"
         )
     lines += ["", "Block indices in this table refer to the model each step was applied to."]
+    return lines
+
+
+def _sparsity(record: RunRecord) -> list[str]:
+    """Per sparsity step: overall and per-block fraction of zero weights in the blocks' projections."""
+    steps = [(i, p) for i, p in enumerate(record.plans, start=1) if "block_sparsity" in p.meta]
+    if not steps:
+        return []
+    lines = ["## Sparsity", ""]
+    for i, plan in steps:
+        meta = plan.meta
+        nm = meta.get("n_m")
+        pattern = f", {nm[0]}:{nm[1]}" if nm else ""
+        lines.append(
+            f"Step {i} (`{plan.method}`, {meta.get('allocation')}{pattern}, {meta.get('protocol')}"
+            f"{', TRIM' if meta.get('trim') else ''}): {meta.get('zeros', 0):,} of {meta.get('prunable', 0):,} "
+            f"projection weights are zero ({100 * float(meta.get('sparsity', 0)):.2f}%). Zeros are stored densely "
+            "(no parameter is removed): see `lit_prune.sparse.compressed_size` for compressed sizes."
+        )
+        lines += ["", "| block | " + " | ".join(str(b) for b in range(len(meta["block_sparsity"]))) + " |"]
+        lines.append("|---" * (len(meta["block_sparsity"]) + 1) + "|")
+        lines.append("| sparsity, % | " + " | ".join(f"{100 * v:.1f}" for v in meta["block_sparsity"]) + " |")
+        lines.append("")
     return lines
 
 
