@@ -208,3 +208,32 @@ def test_mop_fit_with_pruning_report_on_the_real_model(tmp_path):
     assert "| perplexity |" in text and "| piqa acc, % |" in text and "## MoP path" in text
     for figure in ("structure", "head_scores", "mop_path"):
         assert (report.report_path.parent / "report" / f"{figure}.png").stat().st_size > 1000
+
+
+def test_wanda_sparsity_on_the_real_model(tmp_path):
+    """Wanda 50% (sequential, 4 calibration windows): exact sparsity, far better than magnitude, exports with zeros."""
+    from lit_prune import save_pretrained
+    from lit_prune.sparse import detach_masks, prune_sparse, sparsity_report
+
+    eval_path = CPU_PROTOCOL.eval_path()
+    if eval_path is None or not eval_path.is_file():
+        pytest.skip("WikiText-2 not found in the shared data folder")
+    module = CausalLMModule(model=CPU_PROTOCOL.model)
+    data = TextDataModule(tokenizer=module.tokenizer, val_path=str(eval_path),
+                          calibration_path=str(CPU_PROTOCOL.calibration_path()), seq_len=128, max_val_windows=4,
+                          cache_dir=str(tmp_path / "cache"))
+    model = module.model.eval()
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = data.windows("val")
+    dense = perplexity(model, windows, progress=False)
+    prune_sparse(model, None, "magnitude", 0.5)
+    magnitude = perplexity(model, windows, progress=False)
+    detach_masks(model)
+    model.load_state_dict(dense_state)
+    prune_sparse(model, data.calibration_dataloader(n=4, seed=0), "wanda", 0.5)
+    report = sparsity_report(model)
+    assert report.zeros == round(0.5 * report.total) and report.total == 106_168_320
+    wanda = perplexity(model, windows, progress=False)
+    assert dense < wanda < min(4 * dense, magnitude / 2)
+    reloaded = AutoModelForCausalLM.from_pretrained(save_pretrained(model, tmp_path / "sparse"))
+    assert sparsity_report(reloaded).zeros == report.zeros
