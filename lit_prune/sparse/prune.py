@@ -158,6 +158,13 @@ def _block_ratios(
     )
 
 
+def _scores(weight: Tensor, stats: LinearStats | None) -> Tensor:
+    """Wanda scores where input norms were collected, else magnitudes (SparseGPT needs them only for TRIM's rows)."""
+    if stats is None or stats.input_sq is None:
+        return magnitude_scores(weight)
+    return wanda_scores(weight, stats.input_sq)
+
+
 def _prune_linear(
     linear: nn.Linear,
     stats: LinearStats | None,
@@ -170,16 +177,11 @@ def _prune_linear(
 ) -> Tensor:
     """Prune one Linear in place (zeros, and SparseGPT's update); return its keep mask."""
     weight = linear.weight
-    if criterion == "magnitude" or stats is None:
-        scores = magnitude_scores(weight)
-    else:
-        input_sq = stats.input_sq
-        scores = wanda_scores(weight, input_sq) if input_sq is not None else magnitude_scores(weight)
     amount: int | Tensor | None = None if nm is not None else count
     if trim_rows and nm is None:
         assert stats is not None
         assert stats.last_inputs is not None
-        amount = trim(weight.detach().float(), scores, stats.last_inputs.to(weight.device), count)
+        amount = trim(weight.detach().float(), _scores(weight, stats), stats.last_inputs.to(weight.device), count)
     if criterion == "sparsegpt":
         assert stats is not None
         assert stats.hessian_sum is not None
@@ -187,6 +189,7 @@ def _prune_linear(
         new_weight, keep = sparsegpt(weight.detach(), hessian, amount, n_m=nm, blocksize=blocksize, percdamp=percdamp)
         weight.data.copy_(new_weight)
         return keep
+    scores = _scores(weight, stats if criterion == "wanda" else None)
     keep = prune_mask(scores, amount, n_m=nm, per_row=criterion != "magnitude" or isinstance(amount, Tensor))
     weight.data.masked_fill_(~keep, 0)
     return keep
