@@ -3,6 +3,7 @@
 from lit_prune.arch import ModelAdapter, UnsupportedModelError, adapter_for
 from lit_prune.io import load_pretrained, save_pretrained
 from lit_prune.module import CausalLMModule
+from lit_prune.plan import read_plans
 from lit_prune.presets import CPU_PROTOCOL, SMOLLM2
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "UnsupportedModelError",
     "adapter_for",
     "load_pretrained",
+    "read_plans",
     "save_pretrained",
 ]
 __version__ = "0.1.0"

@@ -256,19 +256,31 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def adapter_for_type(model_type: str | None, what: str = "") -> ModelAdapter:
+    """The adapter registered for ``model_type``; the loaders call it as soon as a config is read, before weights.
+
+    Args:
+        model_type: a ``config.model_type`` (``"llama"``, ...).
+        what: what the type was read from (a class name, a ``config.json`` path), quoted in the error.
+
+    Raises:
+        UnsupportedModelError: naming the model type and listing the supported ones.
+    """
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"lit-prune has no adapter for model_type={model_type!r}{f' ({what})' if what else ''}; "
+            f"supported: {supported_model_types()}. Register one with lit_prune.arch.register_adapter."
+        )
+    return _REGISTRY[model_type]
+
+
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model.config.model_type``.
 
     Raises:
         UnsupportedModelError: naming the model type and listing the supported ones.
     """
-    model_type = getattr(model_config(model), "model_type", None)
-    if model_type not in _REGISTRY:
-        raise UnsupportedModelError(
-            f"lit-prune has no adapter for model_type={model_type!r} ({type(model).__name__}); "
-            f"supported: {supported_model_types()}. Register one with lit_prune.arch.register_adapter."
-        )
-    return _REGISTRY[model_type]
+    return adapter_for_type(getattr(model_config(model), "model_type", None), type(model).__name__)
 
 
 register_adapter(LlamaAdapter())

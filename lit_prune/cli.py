@@ -8,56 +8,122 @@ subcommands a ``trainer:`` section. ``eval`` ignores the Trainer keys so one fil
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import shutil
 import sys
-from dataclasses import dataclass, field
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from jsonargparse import ActionConfigFile, set_parsing_settings
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import torch
+from jsonargparse import ActionYesNo, Namespace, set_parsing_settings
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from lit_prune.callbacks.base import PruningCallback
 from lit_prune.callbacks.lora import LoRA
-from lit_prune.datamodules import TextDataModule, TokenDataModule
-from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
-from lit_prune.eval.zeroshot import zero_shot
+from lit_prune.cli_errors import (
+    LIBRARY_ERRORS,
+    CLIError,
+    did_you_mean,
+    innermost_error,
+    parser_options,
+    summarize_parser_error,
+)
+from lit_prune.cli_eval import EvalOptions, _model_shortcut, eval_parser, run_eval  # noqa: F401  (re-exported)
+from lit_prune.cli_logging import LOG_LEVELS, cli_logging, pop_log_level
+from lit_prune.datamodules import TokenDataModule
+from lit_prune.datamodules.sources import _looks_like_file as looks_like_file
 from lit_prune.io import save_pretrained
 from lit_prune.module import CausalLMModule
-from lit_prune.plan import PruningPlan
-from lit_prune.presets import CPU_PROTOCOL
+from lit_prune.plan import PLANS_FILE, PruningPlan, read_plans
+from lit_prune.presets import resolve_data_uri
 from lit_prune.report import write_report
 from lit_prune.shapes import loads_without_lit_prune
+from lit_prune.sparse.report import sparsity_report
 
 log = logging.getLogger(__name__)
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test")
 OWN_SUBCOMMANDS = ("eval", "prune", "report", "demo")
-_NO_TEXT_HINT = (
-    "Point it at text with --data.val_path FILE (.txt/.raw/.jsonl/.parquet) or an HF dataset name "
-    "(--data.val_path wikitext --data.dataset_config wikitext-2-raw-v1 --data.val_split test)."
-)
-
-
+COMMANDS = {
+    "prune": "run the config's pruning callbacks once (or replay saved plans with --plan) and save the model",
+    "fit": "prune as the config's callbacks say (on fit start), then train / recover with LoRA",
+    "validate": "one validation epoch (perplexity on the config's val text)",
+    "test": "one test epoch",
+    "eval": "one table: parameters, perplexity, prefill latency, decode speed, zero-shot tasks",
+    "report": "write report.md with figures for a run folder or a saved model",
+    "demo": "MoP to 25% of SmolLM2-135M-Instruct on the shared data: dense vs pruned, one table",
+}
+"""Every subcommand with its one-line description, as ``lit-prune --help`` lists them."""
 _DESCRIPTION = (
     "lit-prune: prune Hugging Face causal LMs and recover them with LoRA in one Lightning Trainer. "
-    "Trainer subcommands: fit, validate, test. lit-prune subcommands: eval (parameters, perplexity, "
-    "latency, zero-shot table; see `lit-prune eval --help`), prune (run the config's pruning callbacks without "
-    "training and save the model; `lit-prune prune --config configs/depth.yaml --output DIR`) and report (write "
-    "report.md with figures for a run folder; `lit-prune report RUN_DIR`)."
+    "The same YAML configs serve every subcommand (`lit-prune --help` lists them)."
 )
+_PRUNE_DESCRIPTION = (
+    "Prune without training: run the config's pruning callbacks (trainer.callbacks) once on its model and "
+    "calibration data, or replay saved plans (--plan FILE), and save the model with save_pretrained into --output "
+    "(plus pruning_plans.json and report.md). Example: lit-prune prune --config configs/depth.yaml --output DIR"
+)
+_DATA_PATH_KEYS = ("path", "val_path", "test_path", "calibration_path")
+
+
+def top_level_help() -> str:
+    """The text of ``lit-prune --help``: every subcommand with one line, the global options, examples."""
+    width = max(map(len, COMMANDS))
+    commands = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+    return (
+        "usage: lit-prune [--log-level LEVEL] COMMAND [--config FILE.yaml] [options]\n\n"
+        "Prune Hugging Face causal LMs and recover them with LoRA in one Lightning Trainer.\n\n"
+        f"commands:\n{commands}\n\n"
+        "options:\n"
+        "  -h, --help         this message; `lit-prune COMMAND --help` lists the options of a command\n"
+        f"  --log-level LEVEL  one of {', '.join(LOG_LEVELS)} (default info), accepted by every command; debug also\n"
+        "                     shows Lightning's and transformers' info lines, progress bars and tracebacks\n\n"
+        "examples:\n"
+        "  lit-prune prune --config configs/depth.yaml --output runs/depth/pruned\n"
+        "  lit-prune eval --config configs/smollm2.yaml --model runs/depth/pruned\n"
+        "  lit-prune fit --config configs/mop_recover.yaml\n"
+    )
 
 
 class LitPruneCLI(LightningCLI):
-    """LightningCLI over :class:`CausalLMModule` and any :class:`TokenDataModule` subclass (no ``predict``)."""
+    """LightningCLI over :class:`CausalLMModule` and any :class:`TokenDataModule` subclass (no ``predict``).
+
+    A bad config raises :class:`~lit_prune.cli_errors.CLIError` with a one-line summary (and the closest allowed
+    name) instead of printing the usage; the library's validation errors while instantiating do the same.
+    """
 
     @staticmethod
     @override
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands that lit-prune supports: ``fit``, ``validate``, ``test``."""
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name in TRAINER_SUBCOMMANDS}
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` (lit-prune always passes them: it reads ``sys.argv`` itself, so no argv warning)."""
+        try:
+            if isinstance(args, dict | Namespace):
+                self.config = parser.parse_object(args)
+            else:
+                self.config = parser.parse_args(args)
+        except argparse.ArgumentError as err:
+            message = str(err)
+            raise CLIError(summarize_parser_error(message, parser_options(parser)), detail=message) from None
+
+    @override
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; the library's validation errors become one-line CLI errors."""
+        try:
+            super().instantiate_classes()
+        except LIBRARY_ERRORS as err:
+            raise CLIError(str(innermost_error(err))) from err
+
+
+def _parser_kwargs(prog: str, description: str) -> dict[str, Any]:
+    return {"prog": prog, "description": description, "exit_on_error": False}
 
 
 def trainer_cli(args: list[str] | None = None, run: bool = True) -> LitPruneCLI:
@@ -67,6 +133,9 @@ def trainer_cli(args: list[str] | None = None, run: bool = True) -> LitPruneCLI:
         args: command-line words (``["fit", "--config", "x.yaml"]``); None reads ``sys.argv``. With
             ``run=False`` leave out the subcommand.
         run: run the subcommand after instantiating.
+
+    Raises:
+        CLIError: for a bad config (unknown or misspelled key, bad value) or a value the library refuses.
     """
     return LitPruneCLI(
         CausalLMModule,
@@ -74,25 +143,162 @@ def trainer_cli(args: list[str] | None = None, run: bool = True) -> LitPruneCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": _DESCRIPTION},
-        args=args,
+        parser_kwargs=_parser_kwargs("lit-prune", _DESCRIPTION),
+        args=sys.argv[1:] if args is None else args,
         run=run,
     )
 
 
 class PruneCLI(LitPruneCLI):
-    """The parser of ``lit-prune prune``: a fit config plus ``--output``."""
+    """The parser of ``lit-prune prune``: a fit config plus ``--output``, ``--overwrite`` and ``--plan``.
+
+    Before any class is instantiated (the model loaded), it checks that every configured data path exists, that
+    ``--output`` may be written, and reads ``--plan``.
+    """
+
+    plans: list[PruningPlan] | None = None
+    """The plans read from ``--plan``, or None to score with the config's pruning callbacks."""
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--output", type=str, default="runs/pruned", help="Folder of the pruned model.")
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="Replace a non-empty --output written by lit-prune (it holds pruning_plans.json): its files are "
+            "removed when the pruned model is saved (not before: an interrupted run leaves it as it was).",
+        )
+        parser.add_argument(
+            "--plan",
+            type=str | None,
+            default=None,
+            help="Replay saved plans instead of scoring: a plan JSON, a pruning_plans.json list, or a saved model "
+            "folder holding pruning_plans.json. The config's pruning callbacks are then skipped.",
+        )
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        check_data_paths(self.config.get("data"))
+        check_output(Path(self.config["output"]), bool(self.config["overwrite"]))
+        if self.config.get("plan"):
+            self.plans = replayable_plans(self.config["plan"])
+
+
+def check_data_paths(data: Any) -> None:
+    """Check that every path the ``data`` section names exists (before anything is loaded).
+
+    A value that reads as a Hugging Face dataset name (``wikitext``, ``owner/name``) is left to the datamodule.
+
+    Raises:
+        CLIError: naming the key and the path, for a file path that does not exist.
+    """
+    if data is None:
+        return
+    init_args = data.get("init_args") if hasattr(data, "get") else None
+    if init_args is None:
+        return
+    for key in _DATA_PATH_KEYS:
+        location = init_args.get(key) if hasattr(init_args, "get") else None
+        if not isinstance(location, str):
+            continue
+        try:
+            resolved = resolve_data_uri(location, key)
+        except (ValueError, FileNotFoundError) as err:
+            raise CLIError(f"--data.{key}: {err}") from None
+        path = Path(resolved).expanduser()
+        if not path.exists() and (looks_like_file(resolved) or location.startswith("data://")):
+            shown = repr(location) if resolved == location else f"{location!r} ({resolved})"
+            raise CLIError(f"--data.{key}: file {shown} does not exist (data.init_args.{key} in the config)")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an ``--output`` that would lose data: a file, or a non-empty folder without ``--overwrite``.
+
+    With ``--overwrite`` the folder must be one lit-prune wrote (it holds ``pruning_plans.json``) and not the
+    current folder, a folder above it, the home folder or the root.
+
+    Raises:
+        CLIError: saying why and what to do.
+    """
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"--output {str(output)!r} exists and is not a folder")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not overwrite:
+        raise CLIError(
+            f"--output {str(output)!r} already exists and is not empty; pass --overwrite to replace it "
+            "(its old files, figures included, are removed) or choose another folder"
+        )
+    resolved = output.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved in (cwd, *cwd.parents, Path.home().resolve(), Path(resolved.anchor)):
+        raise CLIError(f"--overwrite refuses to replace {str(output)!r}: it is the current, home or root folder")
+    if not (output / PLANS_FILE).is_file():
+        raise CLIError(
+            f"--overwrite refuses to replace {str(output)!r}: it holds no {PLANS_FILE}, so lit-prune did not "
+            "write it; choose another folder"
+        )
+
+
+def replayable_plans(path: str) -> list[PruningPlan]:
+    """The plans of ``--plan PATH`` (:func:`~lit_prune.plan.read_plans`), refusing sparsity plans.
+
+    Raises:
+        CLIError: if the file cannot be read as plans, or holds a sparsity plan (it records how much of each
+            block was zeroed, not which weights: there is nothing to replay).
+    """
+    try:
+        plans = read_plans(path)
+    except (MisconfigurationException, ValueError, FileNotFoundError, TypeError) as err:
+        raise CLIError(f"--plan: {err}") from None
+    for i, plan in enumerate(plans):
+        if plan.method.startswith("sparsity"):
+            raise CLIError(
+                f"--plan: plan [{i}] ({plan.method}) is a sparsity plan: it records how much of each block was "
+                "zeroed, not which weights, so it cannot be replayed; run its SparsityPruning config instead"
+            )
+    return plans
+
+
+def _total_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _summary(plans: list[PruningPlan], model: Any, before: int, output: Path, report: Path | None) -> str:
+    """The result line of ``prune``: methods, parameters (and sparsity), where it went, how to reload it."""
+    after = _total_params(model)
+    text = f"Pruned with {', '.join(p.method for p in plans)}: params {before:,} -> {after:,}"
+    if any(p.method.startswith("sparsity") for p in plans):
+        report_ = sparsity_report(model)
+        with torch.no_grad():
+            nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+        text += f"; sparsity {report_.overall:.2%} of the prunable weights, nonzero params {nonzero:,}"
+    stock = loads_without_lit_prune(model)
+    loader = "AutoModelForCausalLM.from_pretrained" if stock else "lit_prune.load_pretrained"
+    text += f"\nSaved to {output} (reload: {loader}({str(output)!r}), or `lit-prune eval --model {output}`)"
+    if report is not None:
+        text += f"\nReport: {report}"
+    return text
+
+
+def _save(module: CausalLMModule, output: Path, plans: list[PruningPlan]) -> Path:
+    """Save into ``output`` (emptied first: :func:`check_output` allowed it); a failed save leaves no folder."""
+    if output.is_dir():
+        shutil.rmtree(output)  # empty, or a lit-prune folder with --overwrite: no stale files or figures
+    try:
+        return save_pretrained(module.model, output, tokenizer=module.tokenizer, plans=plans)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)  # never a half-written model
+        raise
 
 
 def run_prune(args: list[str]) -> list[PruningPlan]:
-    """``lit-prune prune``: apply the config's pruning callbacks once, without training, and save the result.
+    """``lit-prune prune``: apply the config's pruning callbacks once (or replay ``--plan``), without training.
 
     The model is saved with ``save_pretrained`` (plus its tokenizer) into ``--output``, with the applied plans in
-    ``pruning_plans.json``; a uniform result reloads with plain ``AutoModelForCausalLM.from_pretrained``.
+    ``pruning_plans.json``, and ``report.md`` is written next to it; a uniform result reloads with plain
+    ``AutoModelForCausalLM.from_pretrained``. Nothing is written to ``--output`` until the model is pruned.
 
     Args:
         args: command-line words after ``prune`` (``["--config", "configs/depth.yaml"]``).
@@ -101,200 +307,75 @@ def run_prune(args: list[str]) -> list[PruningPlan]:
         The applied plans, in order.
 
     Raises:
-        SystemExit: if the config has no pruning callback in ``trainer.callbacks``.
+        CLIError: for a bad config, a missing data file, an ``--output`` that may not be replaced, a bad ``--plan``,
+            a config without pruning callback (and no ``--plan``), or Ctrl-C (code 130, saying what was saved).
     """
-    cli = PruneCLI(
-        CausalLMModule,
-        TokenDataModule,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-        parser_kwargs={"description": "Prune without training: " + _DESCRIPTION},
-        args=args,
-        run=False,
-    )
-    callbacks = [cb for cb in getattr(cli.trainer, "callbacks", []) if isinstance(cb, PruningCallback)]
-    if not callbacks:
-        raise SystemExit(
-            "lit-prune prune: the config has no pruning callback under `trainer.callbacks` "
-            "(e.g. class_path: lit_prune.callbacks.DepthPruning)"
+    saved: Path | None = None
+    try:
+        cli = PruneCLI(
+            CausalLMModule,
+            TokenDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_callback=None,
+            parser_kwargs=_parser_kwargs("lit-prune prune", _PRUNE_DESCRIPTION),
+            args=args,
+            run=False,
         )
-    skipped = [type(cb).__name__ for cb in getattr(cli.trainer, "callbacks", []) if isinstance(cb, LoRA)]
-    if skipped:
-        log.warning("lit-prune prune: %s act during training and are skipped here; use `lit-prune fit`", skipped)
-    module: CausalLMModule = cli.model
-    data = cli.datamodule
+        all_callbacks = list(getattr(cli.trainer, "callbacks", []))
+        callbacks = [cb for cb in all_callbacks if isinstance(cb, PruningCallback)]
+        if cli.plans is not None and callbacks:
+            log.warning(
+                "--plan given: the config's pruning callbacks %s are skipped", [type(cb).__name__ for cb in callbacks]
+            )
+        elif cli.plans is None and not callbacks:
+            raise CLIError(
+                "the config has no pruning callback under `trainer.callbacks` "
+                "(e.g. class_path: lit_prune.callbacks.DepthPruning); or replay saved plans with --plan FILE"
+            )
+        skipped = [type(cb).__name__ for cb in all_callbacks if isinstance(cb, LoRA)]
+        if skipped:
+            log.warning("%s act during training and are skipped here; use `lit-prune fit`", skipped)
+        module: CausalLMModule = cli.model
+        before = _total_params(module.model)
+        if cli.plans is not None:
+            plans = _replay(module, cli.plans, cli.config["plan"])
+        else:
+            plans = _score_and_prune(module, cli.datamodule, callbacks, cli.trainer.strategy.root_device)
+        output = Path(cli.config["output"])
+        saved = _save(module, output, plans)
+        report = write_report(output)
+    except KeyboardInterrupt:
+        what = "nothing was saved" if saved is None else f"the model is saved in {saved}; its report was not written"
+        raise CLIError(f"interrupted; {what}", code=130) from None
+    print(_summary(plans, module.model, before, output, report))
+    return plans
+
+
+def _replay(module: CausalLMModule, plans: list[PruningPlan], source: str) -> list[PruningPlan]:
+    """Apply saved plans in order; a plan that does not fit the model is a one-line error."""
+    log.info("Replaying %d plan(s) from %s", len(plans), source)
+    for i, plan in enumerate(plans):
+        try:
+            module.apply_plan(plan)
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"--plan: plan [{i}] ({plan.method}) does not fit the model: {err}") from None
+    return plans
+
+
+def _score_and_prune(
+    module: CausalLMModule, data: Any, callbacks: list[PruningCallback], device: torch.device
+) -> list[PruningPlan]:
+    """Run each pruning callback once on the calibration windows; the plans it applied, in order."""
     if isinstance(data, TokenDataModule) and data.tokenizer is None:
         data.tokenizer = module.tokenizer
-    module.to(cli.trainer.strategy.root_device)
+    module.to(device)
     plans = []
     for callback in callbacks:
         applied = callback.prune_all(module, callback.calibration_loader(data))
         callback.plans.extend(plan.to_dict() for plan in applied)
         plans.extend(applied)
-    output = save_pretrained(module.model, cli.config["output"], tokenizer=module.tokenizer, plans=plans)
-    report = write_report(output)
-    first, last = plans[0], plans[-1]
-    stock = loads_without_lit_prune(module.model)
-    loader = "AutoModelForCausalLM.from_pretrained" if stock else "lit_prune.load_pretrained"
-    print(
-        f"Pruned with {', '.join(p.method for p in plans)}: params {first.params_before:,} -> {last.params_after:,}; "
-        f"saved to {output} (reload: {loader}({str(output)!r}) or "
-        f"`lit-prune eval --model {output} --config ...`); report: {report}"
-    )
     return plans
-
-
-@dataclass
-class EvalOptions:
-    """What ``lit-prune eval`` measures besides parameter counts."""
-
-    ppl: bool = True
-    """Score perplexity on the data module's validation windows (``val_path``, ``max_val_windows``)."""
-    latency: bool = True
-    """Measure prefill latency and decode speed."""
-    prompt_len: int = CPU_PROTOCOL.latency_prompt_len
-    """Prompt length of the latency runs, in tokens."""
-    batch_sizes: list[int] = field(default_factory=lambda: list(CPU_PROTOCOL.latency_batch_sizes))
-    """Batch sizes of the prefill measurement."""
-    new_tokens: int = CPU_PROTOCOL.latency_new_tokens
-    """Tokens decoded one at a time with the KV cache (batch 1)."""
-    repeats: int = CPU_PROTOCOL.latency_repeats
-    """Timed repeats; the median is reported."""
-    tasks: list[str] | None = None
-    """Zero-shot tasks scored with lm-eval on the in-memory model (e.g. [piqa, arc_easy]; local files by default,
-    see ``lit_prune.eval.tasks.LOCAL_TASKS``); none by default. ``--tasks piqa,arc_easy`` is the short form."""
-    limit: int | None = None
-    """Score only the first N items of each zero-shot task (``--limit N``)."""
-    zeroshot_batch_size: int = 8
-    """lm-eval batch size of the zero-shot tasks."""
-    data_dir: str | None = None
-    """Folder of the local zero-shot task files; default the shared data folder ($LIT_PRUNE_DATA_DIR)."""
-    output: str | None = None
-    """Also write the results as JSON to this file."""
-    progress: bool = True
-    """Show progress bars."""
-
-
-def eval_parser() -> LightningArgumentParser:
-    """Parser of ``lit-prune eval``: the ``model`` and ``data`` sections of a config plus :class:`EvalOptions`."""
-    parser = LightningArgumentParser(
-        prog="lit-prune eval",
-        description="Print one table: parameters, perplexity with its protocol, prefill latency and decode speed.",
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (the same files as `fit`).")
-    parser.add_class_arguments(CausalLMModule, "model", fail_untyped=False, sub_configs=True)
-    parser.add_subclass_arguments(TokenDataModule, "data", required=False)
-    parser.set_defaults({"data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__name__}"}})
-    parser.add_class_arguments(EvalOptions, "eval")
-    parser.add_argument("--tasks", type=str | None, default=None, help="Zero-shot tasks, comma-separated.")
-    parser.add_argument("--limit", type=int | None, default=None, help="Items per zero-shot task (all: omit).")
-    for ignored in ("trainer", "seed_everything", "ckpt_path", "optimizer", "lr_scheduler"):
-        parser.add_argument(f"--{ignored}", type=Any, default=None, help="Ignored by eval (config compatibility).")
-    return parser
-
-
-def _eval_windows(data: TokenDataModule | None, module: CausalLMModule) -> tuple[Any, str | None]:
-    """Windows to score and their source, or ``(None, None)`` with a one-line warning when there is no text."""
-    if data is None:
-        return None, None
-    if not isinstance(data, TextDataModule):
-        log.warning("eval scores perplexity on TextDataModule windows; %s is skipped.", type(data).__name__)
-        return None, None
-    if data.tokenizer is None:
-        data.tokenizer = module.tokenizer
-    if not data.has_role("val"):
-        log.warning("No evaluation text configured. %s", _NO_TEXT_HINT)
-        return None, None
-    try:
-        windows = data.windows("val")
-    except FileNotFoundError as err:
-        log.warning("No evaluation text: %s. %s", err, _NO_TEXT_HINT)
-        return None, None
-    return windows, data.val_path or data.path
-
-
-def _model_shortcut(args: list[str]) -> list[str]:
-    """``--model PATH`` (a checkpoint folder, hub id or ``builtin:...``) as ``--model.model PATH``.
-
-    ``--model FILE.yaml`` stays a config of the ``model`` section.
-    """
-    out: list[str] = []
-    words = iter(args)
-    for word in words:
-        value = None
-        if word == "--model":
-            value = next(words, None)
-        elif word.startswith("--model="):
-            value = word.split("=", 1)[1]
-        else:
-            out.append(word)
-            continue
-        if value is None:
-            out.append(word)
-        elif value.endswith((".yaml", ".yml", ".json")) or value.lstrip().startswith("{"):
-            out += ["--model", value]
-        else:
-            out += ["--model.model", value]
-    return out
-
-
-def run_eval(args: list[str]) -> EvalSummary:
-    """``lit-prune eval``: measure the model a config describes, print the table, optionally write JSON.
-
-    Args:
-        args: command-line words after ``eval`` (``["--config", "configs/smollm2.yaml"]``).
-
-    Returns:
-        The measurements, as printed.
-    """
-    parser = eval_parser()
-    cfg = parser.parse_args(_model_shortcut(args))
-    init = parser.instantiate_classes(cfg)
-    module: CausalLMModule = init.model
-    opts: EvalOptions = init.eval
-    data = init.data if opts.ppl else None
-    windows, source = _eval_windows(data, module)
-    latency_kwargs = (
-        {
-            "prompt_len": opts.prompt_len,
-            "batch_sizes": tuple(opts.batch_sizes),
-            "new_tokens": opts.new_tokens,
-            "repeats": opts.repeats,
-        }
-        if opts.latency
-        else None
-    )
-    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()] if cfg.tasks else opts.tasks
-    limit = cfg.limit if cfg.limit is not None else opts.limit
-    name = str(module.hparams.get("model") or type(module.model).__name__)
-    batch_size = getattr(data, "batch_size", 4)
-    summary = evaluate_model(
-        module.model,
-        name,
-        windows,
-        source,
-        batch_size=batch_size,
-        latency_kwargs=latency_kwargs,
-        progress=opts.progress,
-    )
-    if tasks:
-        if module.tokenizer is None:
-            raise SystemExit("lit-prune eval --tasks needs a tokenizer: give --model.tokenizer")
-        summary.zeroshot = zero_shot(
-            module.model,
-            module.tokenizer,
-            tasks,
-            limit=limit,
-            batch_size=opts.zeroshot_batch_size,
-            data_dir=opts.data_dir,
-        )
-    print(format_table([summary]))
-    if opts.output:
-        Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.output).write_text(json.dumps(summary.as_dict(), indent=2, default=str))
-        print(f"Wrote {opts.output}")
-    return summary
 
 
 def run_report(args: list[str]) -> Path:
@@ -318,35 +399,84 @@ def run_report(args: list[str]) -> Path:
     try:
         path = write_report(opts.run_dir, opts.output)
     except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"lit-prune report: {err}") from None
+        raise CLIError(str(err)) from None
     print(f"Wrote {path}")
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``lit-prune`` console script."""
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] == "eval":
-        run_eval(argv[1:])
+def _dispatch(command: str | None, words: list[str]) -> None:
+    """Run one subcommand (``words`` without the ``--log-level`` option)."""
+    if command is None or command in ("-h", "--help"):
+        print(top_level_help())
         return
-    if argv and argv[0] == "prune":
-        run_prune(argv[1:])
-        return
-    if argv and argv[0] == "report":
-        run_report(argv[1:])
-        return
-    if argv and argv[0] == "demo":
+    if command == "eval":
+        run_eval(words[1:])
+    elif command == "prune":
+        run_prune(words[1:])
+    elif command == "report":
+        run_report(words[1:])
+    elif command == "demo":
         from lit_prune.demo import run_demo
 
-        print(run_demo(argv[1:]))
-        return
-    if argv and not argv[0].startswith("-") and argv[0] not in TRAINER_SUBCOMMANDS:
-        commands = ", ".join((*TRAINER_SUBCOMMANDS, *OWN_SUBCOMMANDS))
-        raise SystemExit(f"lit-prune: unknown command {argv[0]!r}; choose one of: {commands}")
-    trainer_cli(None if from_command_line else argv)  # LightningCLI reads sys.argv itself
+        print(run_demo(words[1:]))
+    elif command in TRAINER_SUBCOMMANDS:
+        trainer_cli(words)
+    else:
+        commands = ", ".join(COMMANDS)
+        raise CLIError(f"unknown command {command!r}{did_you_mean(command, COMMANDS)}; choose one of: {commands}")
+
+
+def _exit(prog: str, err: CLIError, debug: bool) -> NoReturn:
+    """Print ``err`` as the first lines of stderr and exit with its code."""
+    if err.code == 130:
+        print(f"{prog}: {err.message}", file=sys.stderr)
+    else:
+        print(f"{prog}: error: {err.message}", file=sys.stderr)
+        if err.code == 2:
+            print(f"See `{prog} --help` for the options; `--log-level debug` shows more.", file=sys.stderr)
+    if debug:
+        if err.detail:
+            print(err.detail, file=sys.stderr)
+        cause = err.__cause__
+        if cause is not None:
+            traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+    exit_ = SystemExit(err.message)  # str() is the message (for callers of main()), the status is err.code
+    exit_.code = err.code
+    raise exit_
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lit-prune`` console script.
+
+    Args:
+        argv: command-line words (``["prune", "--config", "x.yaml"]``); None reads ``sys.argv``.
+
+    Raises:
+        SystemExit: 2 for a bad command line or config, 1 for a library error while running, 130 on Ctrl-C; the
+            message comes first on stderr, the traceback only at ``--log-level debug``.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        words, level = pop_log_level(words)
+    except CLIError as err:
+        named = next((w for w in words if w in COMMANDS), None)
+        _exit(f"lit-prune {named}" if named else "lit-prune", err, debug=False)
+    command = words[0] if words else None
+    prog = f"lit-prune {command}" if command in COMMANDS else "lit-prune"
+    debug = level == "debug"
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    with cli_logging(level):
+        try:
+            _dispatch(command, words)
+        except CLIError as err:
+            _exit(prog, err, debug)
+        except KeyboardInterrupt:
+            what = "; nothing was written" if command == "eval" else ""  # eval writes its JSON last
+            _exit(prog, CLIError(f"interrupted{what}", code=130), debug)
+        except LIBRARY_ERRORS as err:
+            wrapped = CLIError(str(err), code=1)
+            wrapped.__cause__ = err
+            _exit(prog, wrapped, debug)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,22 @@
 Everything follows the CPU protocol (:data:`lit_prune.presets.CPU_PROTOCOL`): perplexity on the first 32 windows of
 256 tokens of WikiText-2 test, latency on 128-token prompts. MoP runs in one shot with the ``ppl`` proxy on 8
 held-out windows of WikiText-2 validation; the pruned model is saved (a stock checkpoint) to ``--output``.
+Latency is measured after pruning, on the pruned model and a copy of the dense one kept for it, timed alternately
+(:func:`lit_prune.eval.latency.compare_latency`, ``--rounds`` rounds) so load on the machine hits both alike; the
+speed-ups are reported with their range over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 from pathlib import Path
 
 from lit_prune.callbacks.mop import MixtureOfPruners
 from lit_prune.datamodules import TextDataModule
+from lit_prune.eval.latency import LatencyComparison, compare_latency
 from lit_prune.eval.summary import evaluate_model, format_table
 from lit_prune.io import save_pretrained
 from lit_prune.module import CausalLMModule
@@ -29,6 +34,7 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy", default="ppl", choices=["ppl", "kl", "cosine", "random"])
     parser.add_argument("--holdout", type=int, default=8, help="held-out windows for MoP's proxy and statistics")
     parser.add_argument("--output", default="runs/demo/mop-25", help="where the pruned model is saved")
+    parser.add_argument("--rounds", type=int, default=5, help="alternation rounds of the dense-vs-pruned timing")
     return parser
 
 
@@ -38,7 +44,10 @@ def run_demo(args: list[str]) -> str:
     Raises:
         SystemExit: if the shared WikiText-2 files are missing (the demo needs them for calibration and PPL).
     """
-    opts = demo_parser().parse_args(args)
+    parser = demo_parser()
+    opts = parser.parse_args(args)
+    if opts.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {opts.rounds}")
     proto = CPU_PROTOCOL
     eval_path, calib_path = proto.eval_path(), proto.calibration_path()
     if eval_path is None or calib_path is None or not eval_path.is_file() or not calib_path.is_file():
@@ -58,25 +67,37 @@ def run_demo(args: list[str]) -> str:
     )
     windows = data.windows("val")
     source = f"{eval_path.name} (first {proto.eval_windows} windows of {proto.seq_len} tokens)"
-    dense = evaluate_model(module.model, "dense", windows, source, latency_kwargs=proto.latency_kwargs())
+    dense = evaluate_model(module.model, "dense", windows, source)
+    dense_copy = copy.deepcopy(module.model)  # timed next to the pruned model after pruning (540 MB in float32)
     mop = MixtureOfPruners(target=opts.target, proxy=opts.proxy, verbose=1)
     mop_start = time.perf_counter()
     plans = mop.prune_all(module, data.calibration_dataloader(n=opts.holdout, seed=1))
     mop_seconds = time.perf_counter() - mop_start
-    pruned = evaluate_model(
-        module.model, f"MoP {opts.target:.0%}", windows, source, latency_kwargs=proto.latency_kwargs()
-    )
+    pruned = evaluate_model(module.model, f"MoP {opts.target:.0%}", windows, source)
+    log.info("Timing dense and pruned alternately (%d rounds)", opts.rounds)
+    timing = compare_latency(module.model, dense_copy, rounds=opts.rounds, **proto.latency_kwargs())
+    del dense_copy
+    dense.latency, pruned.latency = timing.median_reference(), timing.median_model()
     folder = save_pretrained(module.model, Path(opts.output), tokenizer=module.tokenizer, plans=plans)
-    steps = ", ".join(f"{s['branch']}:{s['params_after'] / 1e6:.1f}M" for s in mop.trajectory)
     table = "\n".join(
         [
             format_table([dense, pruned]),
+            *speed_lines(timing),
             "",
             f"MoP path ({len(mop.trajectory)} steps; L = a block removed, G = heads + neurons): {mop.path}",
-            f"steps (branch:params after): {steps}",
             f"MoP took {mop_seconds:.0f} s (proxy {opts.proxy} on {opts.holdout} held-out windows of wiki.valid.raw); "
             f"the pruned model is in {folder} (plain AutoModelForCausalLM.from_pretrained); whole demo "
             f"{time.perf_counter() - start:.0f} s.",
         ]
     )
     return table
+
+
+def speed_lines(timing: LatencyComparison) -> list[str]:
+    """The pruned-vs-dense ratios with their spread, e.g. ``prefill, batch 1: 0.74x dense time (range ...)``."""
+    lines = [
+        f"Pruned vs dense, timed alternately ({timing.rounds} rounds; the table shows the medians over the rounds):"
+    ]
+    lines += [f"  prefill, batch {b}: {timing.prefill_ratio(b)} of dense time" for b in timing.model[0].prefill_ms]
+    lines.append(f"  decode, batch 1: {timing.decode_ratio()} dense throughput")
+    return lines

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from lit_prune.arch import unwrap
+from lit_prune.arch import ModelAdapter, adapter_for_type, unwrap
+from lit_prune.loading import HUB_KWARGS, auto_from_pretrained, check_reference, hub_access
 from lit_prune.plan import PruningPlan
 from lit_prune.shapes import (
     LAYER_SHAPES_KEY,
@@ -44,9 +46,6 @@ MODEL_TYPE_KEY = "lit_prune_model_type"
 _GUARD_TYPE = "{model_type} pruned by lit-prune with non-uniform widths: load it with lit_prune.load_pretrained"
 """The ``model_type`` written in its place: transformers quotes it in its "does not recognize this architecture"
 error."""
-
-_HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download", "proxies")
-"""``from_pretrained`` arguments that also decide which ``config.json`` is read."""
 
 PLANS_FILE = "pruning_plans.json"
 """Written next to the weights by :func:`save_pretrained` when plans are given: the plans that made the model."""
@@ -122,7 +121,11 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
         The model, in eval mode as ``from_pretrained`` returns it.
 
     Raises:
-        ValueError: if the per-block record is malformed or does not match the config's depth.
+        FileNotFoundError: if ``path`` is a local path that does not exist, or a hub id while the hub cannot be used
+            and the files are not cached (see :func:`lit_prune.loading.hub_access`).
+        ValueError: if the per-block record is malformed, does not match the config's depth, or (for a local
+            folder) disagrees with the tensor shapes in the safetensors files; the message names the block, the
+            tensor, the recorded and the stored shape.
 
     Example:
         >>> import tempfile
@@ -135,20 +138,22 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
         >>> load_pretrained(folder).model.layers[0].mlp.down_proj.in_features
         8
     """
+    check_reference(str(path))
+    kwargs.update(hub_access(str(path), **{k: kwargs[k] for k in HUB_KWARGS if k in kwargs}))
     config = kwargs.pop("config", None)
     if config is None:
-        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
         config_dict, _ = PretrainedConfig.get_config_dict(str(path), **hub)
         real_type = config_dict.pop(MODEL_TYPE_KEY, None)
         if real_type is None and LAYER_SHAPES_KEY not in config_dict:
-            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            return auto_from_pretrained(str(path), **kwargs)
         config_dict["model_type"] = real_type or config_dict["model_type"]
         if config_dict["model_type"] not in CONFIG_MAPPING:
             raise ValueError(f"Unknown model_type {config_dict['model_type']!r} in {path}/config.json")
         config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     shapes = shapes_from_config(config)
     if shapes is None:
-        return AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
+        return auto_from_pretrained(str(path), config=config, **kwargs)
     found: Any = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if isinstance(found, tuple):  # some config types map to several classes; the first is the default
         found = next((c for c in found if c is not None), None)
@@ -157,10 +162,112 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
             f"No causal-LM class for config type {type(config).__name__} (model_type={config.model_type!r})"
         )
     base: type[PreTrainedModel] = found
+    folder = Path(path).expanduser() / (kwargs.get("subfolder") or "")
+    if folder.is_dir():
+        check_record_against_weights(folder, config, shapes)
     model = _with_shapes(base, shapes).from_pretrained(str(path), config=config, **kwargs)
     model.__class__ = base  # the subclass only changed construction; users get the stock class
     log.info("Loaded %s with per-block widths from %s", base.__name__, LAYER_SHAPES_KEY)
     return model
+
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SAFETENSORS_FILE = "model.safetensors"
+
+
+def _stored_shapes(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{tensor name: (shape, file name)}`` from the safetensors headers of ``folder`` (no tensor is read)."""
+    from safetensors import safe_open
+
+    index = folder / _SAFETENSORS_INDEX
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / _SAFETENSORS_FILE).is_file():
+        files = [_SAFETENSORS_FILE]
+    else:
+        return {}
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                out[key] = (tuple(f.get_slice(key).get_shape()), name)
+    return out
+
+
+def _expected_shapes(
+    adapter: ModelAdapter, shape: BlockShape, head_dim: int, hidden: int
+) -> dict[str, tuple[int, ...]]:
+    """The shapes a block with widths ``shape`` gives its projections, keyed by their name inside the block."""
+    a, m = adapter.attention_attr, adapter.mlp_attr
+    q, kv, inter = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim, shape.intermediate_size
+    out: dict[str, tuple[int, ...]] = {
+        f"{a}.{adapter.q_attr}.weight": (q, hidden),
+        f"{a}.{adapter.k_attr}.weight": (kv, hidden),
+        f"{a}.{adapter.v_attr}.weight": (kv, hidden),
+        f"{a}.{adapter.o_attr}.weight": (hidden, q),
+        f"{m}.{adapter.gate_attr}.weight": (inter, hidden),
+        f"{m}.{adapter.up_attr}.weight": (inter, hidden),
+        f"{m}.{adapter.down_attr}.weight": (hidden, inter),
+    }
+    for attr, rows in ((adapter.q_attr, q), (adapter.k_attr, kv), (adapter.v_attr, kv)):
+        out[f"{a}.{attr}.bias"] = (rows,)  # checked only where the checkpoint has biases (Qwen2)
+    return out
+
+
+def check_record_against_weights(folder: str | Path, config: Any, shapes: list[BlockShape]) -> None:
+    """Check a per-block width record against the tensor shapes in a folder's safetensors files (headers only).
+
+    Run by :func:`load_pretrained` before the model is built, so a hand-edited or mismatched ``config.json`` is
+    reported block by block instead of as transformers' size-mismatch table. A folder without safetensors files is
+    not checked.
+
+    Args:
+        folder: the checkpoint folder.
+        config: its config (with the record).
+        shapes: the record, as :func:`~lit_prune.shapes.shapes_from_config` read it.
+
+    Raises:
+        ValueError: naming the first block whose record disagrees with a tensor (its name, the recorded and the
+            stored shape) or whose tensors are missing, or the blocks the weights hold beyond the record.
+    """
+    stored = _stored_shapes(Path(folder))
+    if not stored:
+        return
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    adapter = adapter_for_type(getattr(cfg, "model_type", None), type(config).__name__)
+    hidden = int(cfg.hidden_size)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads)
+    layer_key = re.compile(rf"(.*?\b{re.escape(adapter.layers_attr)})\.(\d+)\.(.+)$")
+    by_block: dict[int, dict[str, tuple[str, tuple[int, ...], str]]] = {}
+    for key, (dims, file) in stored.items():
+        match = layer_key.match(key)
+        if match:
+            by_block.setdefault(int(match.group(2)), {})[match.group(3)] = (key, dims, file)
+    fix = (
+        f"the {LAYER_SHAPES_KEY} record in config.json was edited or belongs to other weights; restore the "
+        "config.json that lit_prune.save_pretrained wrote next to these weights (or re-save the model with it)"
+    )
+    extra = sorted(b for b in by_block if b >= len(shapes))
+    if extra:
+        raise ValueError(
+            f"The weights in {folder} hold {max(by_block) + 1} blocks but config.json records {len(shapes)} "
+            f"(num_hidden_layers={cfg.num_hidden_layers}); {fix}"
+        )
+    for b, shape in enumerate(shapes):
+        tensors = by_block.get(b, {})
+        for rest, expected in _expected_shapes(adapter, shape, head_dim, hidden).items():
+            if rest not in tensors:
+                if rest.endswith(".bias"):
+                    continue
+                raise ValueError(f"Block {b}: the weights in {folder} have no tensor for {rest!r}; {fix}")
+            name, got, file = tensors[rest]
+            if got != expected:
+                raise ValueError(
+                    f"Block {b}: config.json records num_attention_heads={shape.num_attention_heads}, "
+                    f"num_key_value_heads={shape.num_key_value_heads}, intermediate_size={shape.intermediate_size} "
+                    f"(head_dim={head_dim}, hidden_size={hidden}), so {name} should have shape {list(expected)}, "
+                    f"but {file} stores {list(got)}; {fix}"
+                )
 
 
 def _guard_config(config_file: Path) -> None:

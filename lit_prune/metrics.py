@@ -31,8 +31,10 @@ class Perplexity(Metric):
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:  # type: ignore[override]
         """Add the next-token NLL of a batch of ``(B, T, V)`` logits against ``(B, T)`` labels."""
         nll, count = next_token_nll(logits, labels, self.ignore_index)
-        self.sum_nll += nll.to(self.sum_nll.device)
-        self.count += count.to(self.count.device)
+        # Out of place: after `trainer.validate`, Lightning may have reset the states under inference mode, and a
+        # later `fit` (outside it) could not update inference tensors in place.
+        self.sum_nll = self.sum_nll + nll.to(self.sum_nll.device)
+        self.count = self.count + count.to(self.count.device)
 
     def compute(self) -> torch.Tensor:
         """Perplexity over everything seen since the last reset."""

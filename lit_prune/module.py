@@ -17,6 +17,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from typing_extensions import override
 
+from lit_prune.arch import adapter_for
 from lit_prune.functional.perplexity import labels_for, next_token_nll
 from lit_prune.loading import load_model, load_tokenizer, model_from_config
 from lit_prune.metrics import Perplexity
@@ -63,8 +64,14 @@ class CausalLMModule(pl.LightningModule):
     The wrapped model is put in train mode (``from_pretrained`` returns eval mode, and Lightning keeps the mode it
     finds); validation and the :mod:`lit_prune.eval` functions switch to eval mode and back on their own.
 
+    A ``model`` reference is checked before anything is loaded: a missing local path, or a hub id while the hub
+    cannot be used, raises ``FileNotFoundError`` at once, and the family (from ``config.json`` or the GGUF header)
+    must have an adapter before any weights are read.
+
     Raises:
         ValueError: if neither or both of ``model`` and ``config`` are given, or ``dtype`` is unknown.
+        FileNotFoundError: for a ``model`` reference that cannot be found (see :func:`lit_prune.loading.load_model`).
+        UnsupportedModelError: if the model's family has no adapter (:func:`lit_prune.arch.supported_model_types`).
 
     Example:
         >>> from transformers import LlamaConfig
@@ -110,6 +117,7 @@ class CausalLMModule(pl.LightningModule):
         elif isinstance(model, nn.Module):
             if not isinstance(model, PreTrainedModel):
                 raise TypeError(f"`model` must be a transformers PreTrainedModel, got {type(model).__name__}")
+            adapter_for(model)  # an unsupported family fails here, not after the data is prepared
             self.model = model
         else:
             assert config is not None

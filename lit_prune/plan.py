@@ -8,13 +8,29 @@ widths) so a plan is never applied to a model of another shape.
 A plan says what survives in two ways, applied in this order: ``keep_heads`` / ``keep_neurons`` (width: the query
 heads and MLP neurons each listed block keeps; unlisted blocks keep everything) and then ``drop_layers`` (depth).
 
-JSON compatibility: :meth:`PruningPlan.from_dict` reads missing keys as their defaults and ignores unknown keys with a
-warning, so plans written before a field existed, and plans written by a newer lit-prune, still load.
+Format rules (:meth:`PruningPlan.from_dict`, and so :meth:`PruningPlan.from_json` and :func:`read_plans`): a plan is a
+JSON object with a ``"version"`` (:data:`PLAN_FORMAT_VERSION` when written by this lit-prune) and the fields of that
+version. A record that could build a different model than the one it describes is refused, never applied in part:
+
+- a **newer** version than this lit-prune reads is refused (upgrade lit-prune to replay it);
+- an **unknown key** is refused, naming it (and the closest field name when it looks like a typo);
+- a **missing structural field** is refused, naming it: ``drop_layers`` and ``num_layers`` (not null) in every plan,
+  and from version 2 ``keep_heads``, ``keep_neurons``, ``heads_before`` and ``neurons_before`` (null when unused;
+  every lit-prune of that version writes them), and ``heads_before`` / ``neurons_before`` whenever ``keep_heads`` /
+  ``keep_neurons`` are given;
+- **older versions** load with the later fields at their defaults (a version 1 plan is a depth plan: no width
+  fields); descriptive fields (``method``, the parameter counts, ``scores``, ``meta``) default when absent;
+- a plan with no ``"version"`` is taken as hand-written for the current version (the same rules, except that the
+  version 2 width fields may be left out).
+
+Plan files are read by :func:`read_plans`: one plan object (:meth:`PruningPlan.to_json`), a list of them
+(``pruning_plans.json``, written by :func:`lit_prune.io.save_pretrained`), or a folder holding ``pruning_plans.json``.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import operator
@@ -23,13 +39,40 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
-
 log = logging.getLogger(__name__)
 
 PLAN_FORMAT_VERSION = 2
 """Written to every plan's JSON as ``"version"``; bumped when a field is added that changes what a plan does or the
 meaning of an existing field changes (2: ``keep_heads`` / ``keep_neurons``, width pruning)."""
+
+_FIELDS_ADDED: dict[int, tuple[str, ...]] = {
+    1: (
+        "drop_layers",
+        "num_layers",
+        "method",
+        "params_before",
+        "params_after",
+        "non_embedding_before",
+        "non_embedding_after",
+        "scores",
+        "meta",
+    ),
+    2: ("keep_heads", "keep_neurons", "heads_before", "neurons_before"),
+}
+"""The fields each format version added (every lit-prune of a version writes all fields up to it)."""
+
+_STRUCTURAL_ADDED: dict[int, tuple[str, ...]] = {
+    1: ("drop_layers", "num_layers"),
+    2: ("keep_heads", "keep_neurons", "heads_before", "neurons_before"),
+}
+"""The fields each version added that say what a plan does or which model it fits: required in a record of that
+version or later (the width ones may be null)."""
+
+_WIDTHS_FOR = {"keep_heads": "heads_before", "keep_neurons": "neurons_before"}
+
+PLANS_FILE = "pruning_plans.json"
+"""The plan list a saved model folder holds (:data:`lit_prune.io.PLANS_FILE`; kept here so reading plans does not
+import the model I/O)."""
 
 
 def _as_index(value: object) -> int | None:
@@ -301,46 +344,79 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
-        """Build a plan from :meth:`to_dict` output, tolerating older and newer formats.
-
-        Missing keys take their defaults; unknown keys are ignored with a warning (a plan written by a newer
-        lit-prune may say more than this version can apply).
+        """Build a plan from :meth:`to_dict` output, by the format rules of the module docstring.
 
         Args:
-            data: a mapping with the plan's fields (and optionally ``version``).
+            data: a mapping with the plan's fields and (normally) ``version``.
 
         Returns:
             The validated plan.
 
         Raises:
             TypeError: if ``data`` is not a mapping.
-            ValueError: if a field's value is invalid (see :class:`PruningPlan`).
+            ValueError: if the version is newer than :data:`PLAN_FORMAT_VERSION` or not an int >= 1, a key is not a
+                field of the plan's version, a structural field is missing (or ``num_layers`` is null), or a field's
+                value is invalid (see :class:`PruningPlan`).
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"A plan must be read from a mapping of its fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
+        hand_written = "version" not in data
         version = data.get("version", PLAN_FORMAT_VERSION)
-        unknown = sorted(k for k in data if k not in known and k != "version")
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > PLAN_FORMAT_VERSION
-        if unknown and newer:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ValueError(
-                f"This plan (format version {version}) has fields {unknown} that this lit-prune (format version "
-                f"{PLAN_FORMAT_VERSION}) cannot apply; applying the rest would build a different model. Upgrade "
-                "lit-prune to replay it."
+                f"A plan's `version` must be an int in [1, {PLAN_FORMAT_VERSION}] (the plan format), got {version!r}"
             )
+        if version > PLAN_FORMAT_VERSION:
+            raise ValueError(
+                f"This plan is format version {version}; this lit-prune reads plan format versions 1 to "
+                f"{PLAN_FORMAT_VERSION} and cannot tell what the newer fields would change (applying the rest could "
+                "build a different model). Upgrade lit-prune to replay it."
+            )
+        known = [name for v in range(1, version + 1) for name in _FIELDS_ADDED[v]]
+        unknown = sorted(k for k in data if k not in known and k != "version")
         if unknown:
-            rank_zero_warn(
-                f"Ignoring unknown PruningPlan keys {unknown} (plan format version {version!r}; this lit-prune "
-                f"reads version {PLAN_FORMAT_VERSION} with fields {sorted(known)}).",
-                category=UserWarning,
+            raise ValueError(cls._unknown_keys_message(unknown, known, version))
+        required = [name for v in range(1, version + 1) for name in _STRUCTURAL_ADDED[v]]
+        if hand_written:
+            required = list(_STRUCTURAL_ADDED[1])
+        required += [_WIDTHS_FOR[k] for k in _WIDTHS_FOR if data.get(k) is not None]
+        missing = [name for name in dict.fromkeys(required) if name not in data]
+        if missing:
+            of = "a hand-written plan (no `version`)" if hand_written else f"a plan of format version {version}"
+            raise ValueError(
+                f"This plan lacks the required field(s) {missing}: {of} must record {list(dict.fromkeys(required))} "
+                "(the width fields may be null), or it could be applied to the wrong model or build a different one. "
+                "Restore the field(s) from the original plan."
             )
-        kwargs = {k: v for k, v in data.items() if k in known}
+        if data["num_layers"] is None:
+            raise ValueError(
+                "This plan's `num_layers` is null: a plan read from a file must record the number of blocks of the "
+                "model it was made on, so that it is never applied to a model of another depth"
+            )
+        kwargs = {k: v for k, v in data.items() if k != "version"}
         for name in ("drop_layers", "scores", "heads_before", "neurons_before"):
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
         if kwargs.get("meta") is None:
             kwargs.pop("meta", None)
         return cls(**kwargs)
+
+    @staticmethod
+    def _unknown_keys_message(unknown: list[str], known: list[str], version: int) -> str:
+        """Why ``unknown`` keys are refused, with the closest known field and the version a later field needs."""
+        hints = []
+        for key in unknown:
+            later = [v for v, names in _FIELDS_ADDED.items() if key in names]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            if later:
+                hints.append(f"`{key}` is a field of format version {later[0]}, not {version}")
+            elif close:
+                hints.append(f"`{key}`: did you mean `{close[0]}`?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        return (
+            f"Unknown PruningPlan key(s) {unknown}{hint}. A plan of format version {version} has the fields "
+            f"{sorted(known)} and `version`; an unknown key may change what the plan does, so the plan is not applied."
+        )
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The plan as JSON text (indent 2); also written to ``path`` when one is given.
@@ -367,31 +443,38 @@ class PruningPlan:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> PruningPlan:
-        """Read a plan from JSON text or from a file holding it.
+        """Read one plan from JSON text or from a file holding one plan object.
+
+        A file holding a list of plans (``pruning_plans.json``) is refused with a pointer to :func:`read_plans`,
+        the reader of every plan file, even when the list has one element: a list is a record of several applied
+        steps, and reading its first one silently would drop the others.
 
         Args:
             text_or_path: a :class:`~pathlib.Path`, a string path, or the JSON text itself (a string whose first
-                non-blank character is ``{``).
+                non-blank character is ``{`` or ``[``).
 
         Returns:
             The validated plan.
 
         Raises:
             FileNotFoundError: if a path is given and does not exist.
-            ValueError: if the text is not valid JSON or a field's value is invalid.
-            TypeError: if the JSON is not an object.
+            ValueError: if the text is not valid JSON, breaks the format rules (module docstring) or a field's value is
+                invalid.
+            TypeError: if the JSON is a list (use :func:`read_plans`) or not an object.
         """
-        if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+        if isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "["):
             text, source = text_or_path, "JSON text"
         else:
             path = Path(text_or_path)
             if not path.is_file():
                 raise FileNotFoundError(f"No pruning plan file at {str(path)!r}")
             text, source = path.read_text(), str(path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"The pruning plan in {source} is not valid JSON: {err}") from None
+        data = _loads(text, source)
+        if isinstance(data, list):
+            raise TypeError(
+                f"The JSON in {source} is a list of {len(data)} plan(s) (like {PLANS_FILE}), not one plan; read it "
+                "with lit_prune.read_plans, which returns every plan in applied order"
+            )
         return cls.from_dict(data)
 
     def __repr__(self) -> str:
@@ -407,3 +490,72 @@ class PruningPlan:
             f"PruningPlan(drop_layers={list(self.drop_layers)}, num_layers={self.num_layers}, "
             f"method={self.method!r}{width}{counts})"
         )
+
+
+def _loads(text: str, source: str) -> Any:
+    """``json.loads(text)``, or ``ValueError`` naming ``source``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"The pruning plan in {source} is not valid JSON: {err}") from None
+
+
+def read_plans(path: str | Path) -> list[PruningPlan]:
+    """Read the plans of a plan file: the one public reader of plan files.
+
+    Reads one plan object (what :meth:`PruningPlan.to_json` and the pruning callbacks' ``<name>-plan-<n>.json``
+    hold), a JSON list of them (``pruning_plans.json``, written by :func:`lit_prune.io.save_pretrained` in applied
+    order), or a folder holding ``pruning_plans.json`` (a saved model). Every plan is checked by the format rules of
+    :mod:`lit_prune.plan` (newer versions, unknown keys and missing structural fields are refused).
+
+    Args:
+        path: the plan file, or a saved model folder.
+
+    Returns:
+        The plans in file order (one element for a single plan object).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist, or is a folder without ``pruning_plans.json``.
+        ValueError: if the file is not valid JSON, is an empty list, or a plan breaks the format rules or holds an
+            invalid value (the message names the file and, for a list, the entry's index).
+        TypeError: if the JSON is neither an object nor a list, or a list entry is not an object.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = PruningPlan(drop_layers=[1], num_layers=4).to_json(folder / "plan.json")
+        >>> [p.drop_layers for p in read_plans(folder / "plan.json")]
+        [(1,)]
+    """
+    target = Path(path)
+    if target.is_dir():
+        if not (target / PLANS_FILE).is_file():
+            raise FileNotFoundError(
+                f"No {PLANS_FILE} in the folder {str(target)!r}: give a plan file (a '<callback>-plan-<n>.json' or "
+                f"a {PLANS_FILE}) or a saved model folder that holds {PLANS_FILE}"
+            )
+        target = target / PLANS_FILE
+    elif not target.is_file():
+        raise FileNotFoundError(f"No pruning plan file at {str(target)!r}")
+    data = _loads(target.read_text(), str(target))
+    if isinstance(data, Mapping):
+        entries, single = [data], True
+    elif isinstance(data, list):
+        entries, single = data, False
+        if not entries:
+            raise ValueError(f"The plan list in {str(target)!r} is empty: there is no plan to read")
+    else:
+        raise TypeError(
+            f"A plan file must hold a plan object or a list of plan objects, got a JSON {type(data).__name__} "
+            f"in {str(target)!r}"
+        )
+    plans = []
+    for i, entry in enumerate(entries):
+        where = f"{str(target)!r}" if single else f"{str(target)!r}, plan [{i}]"
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"Plan entries must be JSON objects, got a {type(entry).__name__} at {where}")
+        try:
+            plans.append(PruningPlan.from_dict(entry))
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{where}: {err}") from None
+    return plans

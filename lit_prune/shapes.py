@@ -137,8 +137,9 @@ def shapes_from_config(config: Any) -> list[BlockShape] | None:
         raise ValueError(f"config.{LAYER_SHAPES_KEY} is malformed ({err}); expected one dict per block") from None
     if len(shapes) != cfg.num_hidden_layers:
         raise ValueError(
-            f"config.{LAYER_SHAPES_KEY} has {len(shapes)} entries for {cfg.num_hidden_layers} blocks; the checkpoint "
-            "is inconsistent"
+            f"config.{LAYER_SHAPES_KEY} has {len(shapes)} entries for {cfg.num_hidden_layers} blocks "
+            "(num_hidden_layers); the checkpoint is inconsistent: restore the config.json that "
+            "lit_prune.save_pretrained wrote next to these weights (one entry per block)"
         )
     return shapes
 

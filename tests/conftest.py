@@ -88,3 +88,32 @@ def quiet_trainer(root: Path | str, callbacks: list, max_steps: int = 3, **overr
     )
     args.update(overrides)
     return pl.Trainer(callbacks=callbacks, **args)
+
+
+def tiny_cli_config(
+    tmp_path: Path,
+    model_dir: Path | str,
+    text_file: Path | str,
+    *,
+    data: dict | None = None,
+    trainer: dict | None = None,
+    name: str = "tiny.yaml",
+) -> Path:
+    """A CLI config file for the tiny model: TextDataModule over ``text_file`` (16-token windows, batches of 3) and a
+    quiet single-process CPU Trainer; ``data`` / ``trainer`` add to or override their ``init_args`` / keys."""
+    import yaml
+
+    cfg = {
+        "seed_everything": 0,
+        "model": {"model": str(model_dir)},
+        "data": {
+            "class_path": "lit_prune.datamodules.TextDataModule",
+            "init_args": {"path": str(text_file), "val_path": str(text_file), "seq_len": 16, "batch_size": 3,
+                          "cache_dir": str(tmp_path / "cache"), **(data or {})},
+        },
+        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp_path / "run"), **(trainer or {})},
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path

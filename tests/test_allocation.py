@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -215,8 +217,31 @@ def test_group_mode_drops_the_lowest_mean_group_whole() -> None:
     model = _model()
     heads = torch.tensor([0.1, 0.9, 0.3, 0.4])  # group means 0.5 and 0.35: group 1 goes, despite head 0's 0.1
     scores = WidthScores(heads=(heads,) * 4, neurons=(torch.rand(96),) * 4)
-    plan = make_width_plan(model, scores, 0.3, gqa="group")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = make_width_plan(model, scores, 0.3, gqa="group")
     assert plan.keep_heads == {b: (0, 1) for b in range(4)}
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1  # once per plan, not once per block
+    assert re.search(
+        r"gqa='group' removes 1 of the 2 KV groups of block 0 \(2 of its 4 query heads with their k/v rows\); "
+        r"4 of 4 blocks lose at least 33% of their KV groups.*consider gqa='query'",
+        messages[0],
+    )
+
+
+def test_group_mode_warns_only_when_a_large_share_of_kv_groups_goes() -> None:
+    """Threshold 1/3 of a GQA block's KV groups; query mode and MHA (one head per group) never warn."""
+    gqa8 = _model(num_attention_heads=16, num_key_value_heads=8, head_dim=8)  # 8 groups of 2 heads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        small = make_width_plan(gqa8, _random_scores(gqa8), 0.1, gqa="group")  # 1-2 of 8 groups per block
+        make_width_plan(gqa8, _random_scores(gqa8), 0.4, gqa="query")
+        mha = _model(num_key_value_heads=4)
+        make_width_plan(mha, _random_scores(mha), 0.4, gqa="group")
+    assert max(8 - len(_kept_groups(small, b, 2, 16)) for b in range(4)) * 3 < 8
+    with pytest.warns(UserWarning, match=r"removes [3-9] of the 8 KV groups of block \d"):
+        make_width_plan(gqa8, _random_scores(gqa8), 0.4, gqa="group")
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
@@ -313,7 +338,7 @@ def test_plan_round_trips_through_json() -> None:
 
 def test_make_width_plan_logs(caplog: pytest.LogCaptureFixture) -> None:
     model = _model()
-    with caplog.at_level("INFO", logger="lit_prune.allocation.structured"):
+    with caplog.at_level("DEBUG", logger="lit_prune.allocation.structured"):
         make_width_plan(model, _random_scores(model), 0.2, method="width:custom")
     assert "Width plan (width:custom, uniform, gqa=query)" in caplog.text
 

@@ -6,7 +6,7 @@ from conftest import tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from lit_prune import CausalLMModule, load_pretrained, save_pretrained
-from lit_prune.io import MODEL_TYPE_KEY, PLANS_FILE
+from lit_prune.io import MODEL_TYPE_KEY, PLANS_FILE, check_record_against_weights
 from lit_prune.plan import PruningPlan
 from lit_prune.shapes import LAYER_SHAPES_KEY, block_shapes
 from lit_prune.surgery import apply_plan
@@ -100,7 +100,8 @@ def test_malformed_record_is_reported(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config[LAYER_SHAPES_KEY] = config[LAYER_SHAPES_KEY][:2]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"has 2 entries for 4 blocks"):
+    with pytest.raises(ValueError, match=r"has 2 entries for 4 blocks \(num_hidden_layers\); the checkpoint is "
+                                         r"inconsistent: restore the config\.json"):
         load_pretrained(folder)
 
 
@@ -114,3 +115,63 @@ def test_uniform_head_count_the_config_class_rejects_is_recorded(tmp_path):
     assert 64 % saved["num_attention_heads"] == 0 and saved["num_attention_heads"] >= 3
     ids = _ids()
     torch.testing.assert_close(load_pretrained(folder)(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def _edit_record(folder, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_record_that_disagrees_with_the_weights_names_block_and_tensor(tmp_path, sharded):
+    model = LlamaForCausalLM(tiny_config())
+    apply_plan(model, NONUNIFORM)  # block 0: 3 neurons; block 1: 2 heads (one per KV group)
+    folder = save_pretrained(model, tmp_path / "pruned", **({"max_shard_size": "40KB"} if sharded else {}))
+    assert (folder / "model.safetensors.index.json").is_file() == sharded
+    good = (folder / "config.json").read_text()
+
+    _edit_record(folder, lambda c: c[LAYER_SHAPES_KEY][0].update(intermediate_size=5))
+    expected = (
+        r"^Block 0: config\.json records num_attention_heads=4, num_key_value_heads=2, intermediate_size=5 "
+        r"\(head_dim=24, hidden_size=64\), so model\.layers\.0\.mlp\.gate_proj\.weight should have shape \[5, 64\], "
+        r"but model.*\.safetensors stores \[3, 64\]; the lit_prune_layer_shapes record"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_pretrained(folder)
+
+    (folder / "config.json").write_text(good)
+    _edit_record(folder, lambda c: c[LAYER_SHAPES_KEY][1].update(num_attention_heads=4))
+    expected = (
+        r"^Block 1: .*q_proj\.weight should have shape \[96, 64\], but .* stores \[48, 64\]; "
+        r".*restore the config\.json that lit_prune\.save_pretrained wrote"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_pretrained(folder)
+
+    (folder / "config.json").write_text(good)
+
+    def drop_last_block(config):  # consistent with itself, not with the weights
+        config[LAYER_SHAPES_KEY] = config[LAYER_SHAPES_KEY][:3]
+        config["num_hidden_layers"] = 3
+
+    _edit_record(folder, drop_last_block)
+    with pytest.raises(ValueError, match=r"hold 4 blocks but config\.json records 3 \(num_hidden_layers=3\); the "):
+        load_pretrained(folder)
+    (folder / "config.json").write_text(good)
+    assert block_shapes(load_pretrained(folder)) == block_shapes(model)
+
+
+def test_record_check_names_missing_tensors(tmp_path):
+    model = LlamaForCausalLM(tiny_config())
+    apply_plan(model, NONUNIFORM)
+    folder = save_pretrained(model, tmp_path / "pruned")
+    config = load_pretrained(folder).config
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.2.self_attn.v_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"^Block 2: the weights in .* have no tensor for 'self_attn\.v_proj\.weight'"):
+        load_pretrained(folder)
+    check_record_against_weights(tmp_path, config, block_shapes(model))  # no safetensors there: nothing to check

@@ -53,6 +53,19 @@ def test_validate_logs_the_same_ppl_as_perplexity(tiny_model):
     assert tmetrics["test_ppl"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_fit_after_validate_on_the_same_module(tiny_model):
+    """`validate` leaves the perplexity states as inference tensors; a later `fit` (sanity check included) must still
+    update them (the README's order: validate the dense model, then prune and train)."""
+    windows = _windows(6)
+    module = CausalLMModule(model=tiny_model)
+    (before,) = _trainer().validate(module, dataloaders=_loader(windows), verbose=False)
+    trainer = _trainer(max_steps=1, num_sanity_val_steps=1, limit_val_batches=1)
+    trainer.fit(module, train_dataloaders=_loader(windows), val_dataloaders=_loader(windows))
+    assert trainer.global_step == 1
+    (after,) = _trainer().validate(module, dataloaders=_loader(windows), verbose=False)
+    assert after["val_ppl"] != before["val_ppl"]  # one training step changed the model, and validation saw it
+
+
 def test_training_step_masks_minus_100(tiny_model):
     module = CausalLMModule(model=tiny_model)
     ids = _windows(2, 10)
@@ -129,6 +142,9 @@ def test_model_reference_errors(tmp_path):
         CausalLMModule(model=str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match=r"Unknown built-in model 'builtin:nope'; available: \['builtin:smollm2"):
         CausalLMModule(model="builtin:nope")
+    # more cases (relative paths, offline hub ids, unsupported families) in test_loading.py, for every loader
+    with pytest.raises(FileNotFoundError, match=r"^Model folder '.*nonexistent' does not exist; give an existing"):
+        CausalLMModule(model=str(tmp_path / "nonexistent"))
 
 
 def test_padded_batches_score_the_same_on_both_paths(tiny_model):

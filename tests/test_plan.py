@@ -75,22 +75,126 @@ def test_to_dict_is_a_copy():
     assert plan.drop_layers == (1, 3)
 
 
-def test_from_dict_reads_old_and_new_formats():
-    # an older plan: fewer keys, no version
-    old = PruningPlan.from_dict({"drop_layers": [2], "num_layers": 4})
-    assert old == PruningPlan(drop_layers=(2,), num_layers=4)
-    assert old.meta == {} and old.scores is None
-    assert PruningPlan.from_dict({"drop_layers": [2], "meta": None}).meta == {}
-    # unknown keys of a plan of this version are ignored with a warning
-    same = _plan().to_dict() | {"note": "hand-edited"}
-    with pytest.warns(UserWarning, match=r"Ignoring unknown PruningPlan keys \['note'\]"):
-        assert PruningPlan.from_dict(same) == _plan()
-    # a newer plan with fields this version cannot apply is refused (applying the rest would build another model)
-    newer = _plan().to_dict() | {"sparsity": {"0": 0.5}, "version": PLAN_FORMAT_VERSION + 1}
-    with pytest.raises(ValueError, match=r"format version 3\) has fields \['sparsity'\] that this lit-prune"):
-        PruningPlan.from_dict(newer)
-    # version 1 plans (depth only) still load
-    assert PruningPlan.from_dict(_plan().to_dict() | {"version": 1}) == _plan()
+def test_from_dict_reads_old_and_hand_written_formats():
+    # a version 1 plan (depth only: no width fields) loads with the width fields at their defaults
+    v1 = {k: v for k, v in _plan().to_dict().items() if k not in ("keep_heads", "keep_neurons")}
+    v1 = {k: v for k, v in v1.items() if k not in ("heads_before", "neurons_before")} | {"version": 1}
+    assert PruningPlan.from_dict(v1) == _plan() and PruningPlan.from_dict(v1).keep_heads is None
+    # what the first lit-prune wrote (commit 5aad9f1: version 1, all version 1 fields) still loads
+    first = {
+        "version": 1, "drop_layers": [2], "num_layers": 4, "method": "depth:bi", "params_before": 10,
+        "params_after": 8, "non_embedding_before": None, "non_embedding_after": None, "scores": None, "meta": {},
+    }  # fmt: skip
+    assert PruningPlan.from_dict(first) == PruningPlan(drop_layers=(2,), num_layers=4, method="depth:bi",
+                                                       params_before=10, params_after=8)  # fmt: skip
+    # a hand-written plan (no version): drop_layers and num_layers are enough; descriptive fields default
+    hand = PruningPlan.from_dict({"drop_layers": [2], "num_layers": 4, "meta": None})
+    assert hand == PruningPlan(drop_layers=(2,), num_layers=4) and hand.meta == {} and hand.scores is None
+    # every plan this lit-prune writes reads back, depth and width
+    assert PruningPlan.from_dict(_width_plan().to_dict()) == _width_plan()
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        # newer format: refused, saying which versions this lit-prune reads and to upgrade
+        (
+            {"version": 99},
+            ValueError,
+            r"format version 99; this lit-prune reads plan format versions 1 to 2 .* Upgrade lit-prune",
+        ),
+        (
+            {"version": PLAN_FORMAT_VERSION + 1, "sparsity": {"0": 0.5}},
+            ValueError,
+            r"format version 3; this lit-prune reads",
+        ),
+        ({"version": "2"}, ValueError, r"`version` must be an int in \[1, 2\] \(the plan format\), got '2'"),
+        ({"version": 0}, ValueError, r"`version` must be an int in \[1, 2\].*got 0"),
+        ({"version": True}, ValueError, r"`version` must be an int .*got True"),
+        # unknown keys: refused by name, with the close match for a typo
+        ({"note": "hand-edited"}, ValueError, r"Unknown PruningPlan key\(s\) \['note'\]\. A plan of format version 2"),
+        ({"num_layer": 6}, ValueError, r"\['num_layer'\] \(`num_layer`: did you mean `num_layers`\?\)"),
+        ({"version": 1, "keep_heads": None}, ValueError, r"`keep_heads` is a field of format version 2, not 1"),
+        # missing structural fields: refused by name
+        ({"drop": "num_layers"}, ValueError, r"lacks the required field\(s\) \['num_layers'\]: a plan of format "),
+        ({"drop": "drop_layers"}, ValueError, r"lacks the required field\(s\) \['drop_layers'\]"),
+        ({"drop": "keep_heads"}, ValueError, r"lacks the required field\(s\) \['keep_heads'\]"),
+        ({"version": 1, "drop": "num_layers"}, ValueError, r"\['num_layers'\]: a plan of format version 1 must"),
+        ({"num_layers": None}, ValueError, r"`num_layers` is null: a plan read from a file must record"),
+    ],
+)
+def test_from_dict_enforces_format_rules(data, error, message):
+    data, record = dict(data), _plan().to_dict()
+    record.pop(data.pop("drop", ""), None)
+    if data.get("version") == 1:
+        for name in ("keep_heads", "keep_neurons", "heads_before", "neurons_before"):
+            record.pop(name)
+    with pytest.raises(error, match=message):
+        PruningPlan.from_dict(record | data)
+
+
+def test_from_dict_width_fields_need_their_widths():
+    record = _width_plan().to_dict()
+    del record["version"], record["heads_before"]  # hand-written: the width fields are optional, widths are not
+    with pytest.raises(ValueError, match=r"lacks the required field\(s\) \['heads_before'\]: a hand-written plan"):
+        PruningPlan.from_dict(record)
+    del record["keep_heads"]
+    assert PruningPlan.from_dict(record).keep_neurons == _width_plan().keep_neurons
+
+
+def test_read_plans_reads_every_plan_file(tmp_path):
+    import lit_prune
+    from lit_prune.io import PLANS_FILE
+    from lit_prune.plan import PLANS_FILE as PLAN_PLANS_FILE
+    from lit_prune.plan import read_plans
+
+    assert lit_prune.read_plans is read_plans and PLAN_PLANS_FILE == PLANS_FILE
+    one, two = _plan(), _width_plan()
+    single = tmp_path / "depth-plan-1.json"
+    one.to_json(single)
+    assert read_plans(single) == [one] and read_plans(str(single))[0].meta == one.meta
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    (folder / PLANS_FILE).write_text(json.dumps([one.to_dict(), two.to_dict()]))  # what save_pretrained writes
+    assert read_plans(folder / PLANS_FILE) == [one, two]
+    assert read_plans(folder) == [one, two]
+
+
+def test_read_plans_misconfiguration(tmp_path):
+    from lit_prune.plan import read_plans
+
+    with pytest.raises(FileNotFoundError, match=r"No pruning plan file at '.*missing\.json'"):
+        read_plans(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match=r"No pruning_plans\.json in the folder '.*'"):
+        read_plans(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"The pruning plan in .*bad\.json is not valid JSON"):
+        read_plans(bad)
+    bad.write_text("3")
+    with pytest.raises(TypeError, match=r"must hold a plan object or a list of plan objects, got a JSON int"):
+        read_plans(bad)
+    bad.write_text("[]")
+    with pytest.raises(ValueError, match=r"The plan list in .*bad\.json' is empty"):
+        read_plans(bad)
+    bad.write_text(json.dumps([_plan().to_dict(), [1]]))
+    with pytest.raises(TypeError, match=r"Plan entries must be JSON objects, got a list at .*bad\.json', plan \[1\]"):
+        read_plans(bad)
+    bad.write_text(json.dumps([_plan().to_dict(), _plan().to_dict() | {"version": 99}]))
+    with pytest.raises(ValueError, match=r"bad\.json', plan \[1\]: This plan is format version 99"):
+        read_plans(bad)
+    bad.write_text(json.dumps(_plan().to_dict() | {"drop_layers": [-1]}))
+    with pytest.raises(ValueError, match=r"bad\.json': `drop_layers` must hold non-negative"):
+        read_plans(bad)
+
+
+def test_from_json_points_a_list_to_read_plans(tmp_path):
+    listed = tmp_path / "pruning_plans.json"
+    listed.write_text(json.dumps([_plan().to_dict()]))
+    with pytest.raises(TypeError, match=r"is a list of 1 plan\(s\) .* read it with lit_prune\.read_plans"):
+        PruningPlan.from_json(listed)
+    with pytest.raises(TypeError, match=r"The JSON in JSON text is a list of 0 plan"):
+        PruningPlan.from_json(" []")
 
 
 def test_plan_misconfiguration(tmp_path):

@@ -376,5 +376,7 @@ def test_ddp_ranks_with_different_batches_reduce_to_the_same_statistics(tmp_path
     expected |= {"cka_all": depth.cka(stats, "all"), "kl_global": depth.kl_global(gstats)}
     expected["cka_global"] = depth.cka_global(gstats)
     for name, value in expected.items():
-        torch.testing.assert_close(ranks[0][name], value, atol=1e-9, rtol=1e-7)
+        # the ranks run 1 thread, this process the default: BLAS results may differ by float32 rounding (~1e-7 of
+        # the activations), which moves these O(0.1-1) scores by ~1e-7; a rank's missing sums move them by >1e-3
+        torch.testing.assert_close(ranks[0][name], value, atol=1e-5, rtol=0)
         torch.testing.assert_close(ranks[1][name], ranks[0][name], atol=0, rtol=0)

@@ -108,7 +108,7 @@ def test_generation_matches_a_freshly_built_model(caplog):
     fresh = _fresh_without(model, [1, 3])
     original_layers = [model.model.layers[i] for i in (0, 2, 4, 5)]
     identity = id(model)
-    with caplog.at_level(logging.INFO, logger="lit_prune.surgery"):
+    with caplog.at_level(logging.DEBUG, logger="lit_prune.surgery"):
         remove_blocks(model, (3, 1))
     assert "Removed blocks [1, 3]: 6 -> 4 blocks" in caplog.text
     assert id(model) == identity

@@ -43,6 +43,7 @@ from numbers import Real
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lit_prune._validation import check_int
@@ -57,6 +58,8 @@ _ALLOCATIONS = ("uniform", "global")
 _OF = ("total", "non_embedding")
 _EPS = 1e-9
 """Slack for ``ceil(fraction * n)`` so that e.g. ``ceil(0.3 * 10)`` is 3, not 4."""
+GROUP_WARN_FRACTION = 1 / 3
+"""``gqa="group"`` plans that remove at least this share of some block's KV groups are warned about."""
 
 
 # --- per-block accounting ----------------------------------------------------------------------------------------
@@ -418,6 +421,29 @@ def _kept_heads(block_heads: Tensor, block: _Block, gqa: str, units: int) -> tup
     return tuple(h for h in range(block.num_heads) if h not in dropped)
 
 
+def _warn_many_groups(blocks: Sequence[_Block], units: Sequence[int]) -> None:
+    """Warn once when a ``gqa="group"`` plan removes at least :data:`GROUP_WARN_FRACTION` of a GQA block's KV groups.
+
+    MHA blocks (one head per group) are left out: there ``"query"`` mode removes the same units.
+    """
+    heavy = [
+        (u / blk.num_groups, b, u, blk)
+        for b, (blk, u) in enumerate(zip(blocks, units))
+        if blk.group_size > 1 and u >= GROUP_WARN_FRACTION * blk.num_groups - _EPS
+    ]
+    if not heavy:
+        return
+    _, b, u, blk = max(heavy, key=lambda item: (item[0], -item[1]))
+    rank_zero_warn(
+        f"gqa='group' removes {u} of the {blk.num_groups} KV groups of block {b} ({u * blk.group_size} of its "
+        f"{blk.num_heads} query heads with their k/v rows); {len(heavy)} of {len(blocks)} blocks lose at least "
+        f"{GROUP_WARN_FRACTION:.0%} of their KV groups. With few KV groups this drops a large share of all attention "
+        "(seen on Qwen2 with 2 KV groups: 2.3x the perplexity of gqa='query' at the same budget); consider "
+        "gqa='query', which removes query heads inside every group and keeps k/v.",
+        category=UserWarning,
+    )
+
+
 def _kept_neurons(block_neurons: Tensor, kept: int) -> tuple[int, ...]:
     """Neuron indices a block keeps: all but its ``I - kept`` lowest."""
     dropped = set(_ascending(block_neurons)[: block_neurons.numel() - kept].tolist())
@@ -549,6 +575,8 @@ def make_width_plan(
         n_attn, _ = _prunable_params(adapter, model)
         units = _global_counts(unit_scores, limits.unit_costs, limits.head_caps, p * n_attn)
     attn_removed = sum(u * c for u, c in zip(units, limits.unit_costs))
+    if gqa == "group":
+        _warn_many_groups(blocks, units)
     mlp_target = target - attn_removed
     if mlp_target > limits.mlp_max(blocks):
         raise ValueError(
@@ -607,7 +635,7 @@ def make_width_plan(
         neurons_before=tuple(b.neurons for b in blocks),
         meta=plan_meta,
     )
-    log.info(
+    log.debug(
         "Width plan (%s, %s, gqa=%s): remove %s parameters (target %s, p=%.4f); heads %s -> %s, neurons %s -> %s",
         plan.method,
         allocation,

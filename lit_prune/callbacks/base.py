@@ -14,18 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lit_prune.plan import PruningPlan
 from lit_prune.recovery.lora import merge_adapters
+from lit_prune.surgery import MIN_CALIBRATION_WINDOWS
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,8 @@ class PruningCallback(Callback):
         calibration: a DataLoader of calibration batches (dicts with ``input_ids``); None uses the datamodule's
             ``calibration_dataloader()``.
         calibration_batches: use at most this many calibration batches; None uses them all.
-        verbose: 0 logs nothing, 1 logs what was removed, 2 also logs every score.
+        verbose: 0 logs nothing, 1 one line per pruning step (what was removed, parameters before and after)
+            and where the plan went, 2 also every score vector (once each).
 
     Raises:
         MisconfigurationException: for a negative ``at_epoch`` or a non-positive ``calibration_batches``.
@@ -144,8 +148,8 @@ class PruningCallback(Callback):
             metrics[f"{self.name}/fraction_removed"] = plan.fraction_removed
         return metrics
 
-    def _write_plan(self, trainer: pl.Trainer, plan: PruningPlan) -> Path | None:
-        """Write the plan as JSON next to the checkpoints (rank 0 only); return the path."""
+    def _write_plan(self, trainer: pl.Trainer, plan: PruningPlan, announce: bool = True) -> Path | None:
+        """Write the plan as JSON next to the checkpoints (rank 0 only); return the path (logged if ``announce``)."""
         folder = output_folder(trainer)
         if not trainer.is_global_zero:
             return None
@@ -153,7 +157,7 @@ class PruningCallback(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         plan.meta.setdefault("written_at", time.time())  # the order plans of several callbacks were applied in
         plan.to_json(path)
-        if self.verbose:
+        if self.verbose and announce:
             rank_zero_info(f"{type(self).__name__}: wrote the applied plan to {path}")
         return path
 
@@ -205,3 +209,35 @@ def rebuild_after_surgery(trainer: pl.Trainer) -> None:
     if trainer.state.fn == TrainerFn.FITTING:
         strategy.setup_optimizers(trainer)
         _optimizers_to_device(strategy.optimizers, strategy.root_device)
+
+
+def count_windows(loader: Any, max_batches: int | None = None, device: torch.device | None = None) -> int | None:
+    """How many calibration windows a pass over ``loader`` sees, summed over DDP ranks; None when unknown.
+
+    Counts ``len(loader.dataset)`` (capped at ``max_batches * batch_size``) for a DataLoader of single windows; a
+    loader without a sized dataset or a fixed ``batch_size`` gives None. Under ``torch.distributed`` every rank
+    must call it (the counts are all-reduced on ``device``, the model's device).
+    """
+    dataset = getattr(loader, "dataset", None)
+    batch_size = getattr(loader, "batch_size", None)
+    if dataset is None or not hasattr(dataset, "__len__") or not isinstance(batch_size, int):
+        return None
+    n = len(dataset)
+    if max_batches is not None:
+        n = min(n, max_batches * batch_size)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = torch.tensor([n], dtype=torch.long, device=device)
+        dist.all_reduce(total)
+        n = int(total.item())
+    return n
+
+
+def warn_small_calibration(who: str, windows: int | None, what: str) -> None:
+    """Warn (rank 0) that ``what`` may change with another sample when fewer than 16 windows were used."""
+    if windows is not None and windows < MIN_CALIBRATION_WINDOWS:
+        rank_zero_warn(
+            f"{who} scored {what} on only {windows} calibration windows (fewer than {MIN_CALIBRATION_WINDOWS}): the "
+            "result may change with another calibration sample. Use more calibration windows (32 or more, e.g. the "
+            "datamodule's `calibration_windows: 64`).",
+            category=UserWarning,
+        )

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lit_prune.arch import adapter_for, unwrap
-from lit_prune.callbacks.base import PruningCallback
+from lit_prune.callbacks.base import PruningCallback, count_windows
 from lit_prune.criteria.depth import DEPTH_CRITERIA, ONE_PASS, score_blocks
 from lit_prune.plan import PruningPlan
 from lit_prune.surgery import apply_plan, make_depth_plan
@@ -53,7 +53,8 @@ class DepthPruning(PruningCallback):
         at_epoch: prune at the start of this epoch; None prunes on fit start.
         calibration: a DataLoader of calibration batches; None uses the datamodule's ``calibration_dataloader()``.
         calibration_batches: use at most this many calibration batches.
-        verbose: 0 silent, 1 log the removed blocks, 2 also every score.
+        verbose: 0 silent, 1 one line with the removed blocks and the parameters before and after, 2 also every
+            score vector (criterion and components, once each).
 
     Raises:
         MisconfigurationException: for an unknown criterion, both or neither of ``num_layers`` and ``amount``,
@@ -171,6 +172,8 @@ class DepthPruning(PruningCallback):
         )
         seconds = time.perf_counter() - start
         self.last_scores = scores
+        from_data = self.criterion != "random" and not (self.criterion == "reversed" and self.reversed_of == "random")
+        windows = count_windows(calibration, self.calibration_batches, _device(model)) if from_data else None
         plan = make_depth_plan(
             model,
             scores[self.criterion],
@@ -187,6 +190,7 @@ class DepthPruning(PruningCallback):
                 "scoring_seconds": seconds,
                 "component_scores": {name: s.tolist() for name, s in scores.items()},
             },
+            calibration_windows=windows,  # warns when the choice may change with another sample
         )
         record = getattr(pl_module, "apply_plan", None)
         if callable(record):
@@ -194,13 +198,18 @@ class DepthPruning(PruningCallback):
         else:
             apply_plan(model, plan)
         if self.verbose:
+            on = f" on {windows} calibration windows" if windows is not None else ""
             rank_zero_info(
                 f"DepthPruning ({self.criterion}): removed blocks {list(plan.drop_layers)} of {num_blocks}; "
                 f"params {plan.params_before:,} -> {plan.params_after:,} "
-                f"({100 * (plan.fraction_removed or 0):.1f}% removed); scoring took {seconds:.1f} s"
+                f"({100 * (plan.fraction_removed or 0):.1f}% removed); scoring{on} took {seconds:.1f} s"
             )
-        if self.verbose:
-            for name, s in scores.items() if self.verbose > 1 else [(self.criterion, scores[self.criterion])]:
+        if self.verbose > 1:  # each score vector once (the criteria log them at DEBUG)
+            for name, s in scores.items():
                 rank_zero_info(f"DepthPruning scores [{name}]: " + ", ".join(f"{v:.4g}" for v in s.tolist()))
         return plan
+
+
+def _device(model: torch.nn.Module) -> torch.device | None:
+    return next((p.device for p in model.parameters()), None)
 

@@ -71,7 +71,8 @@ class LoRA(Callback):
         save_model: when merged at the end, save the model (plain HF checkpoint, plus the pruning plans) to
             ``lora-merged/`` next to the checkpoints.
         save_adapter: also save the adapter alone (PEFT format) to ``lora-adapter/`` before merging.
-        verbose: 0 silent; 1 or 2 log attaching, merging, trainable parameters and (CKALoRA) block importances.
+        verbose: 0 silent; 1 log attaching (which blocks, trainable parameters), merging and saving; 2 also
+            (CKALoRA) every block's importance.
 
     Raises:
         MisconfigurationException: for out-of-range hyperparameters; in ``setup``: under FSDP, for a module without
@@ -461,7 +462,7 @@ class CKALoRA(LoRA):
         selected = select_blocks(importance, max(self.ratio, 1 / num_blocks))
         selected = list(trainer.strategy.broadcast(selected, src=0))
         self.last_importance = importance
-        if self.verbose:
+        if self.verbose > 1:  # the score vector; at 1 the attach line names the chosen blocks
             ranked = ", ".join(f"{i}:{float(v):.3f}" for i, v in enumerate(importance.tolist()))
             rank_zero_info(f"CKALoRA: block importance 1 - CKA = [{ranked}]; selected {selected}")
         return selected

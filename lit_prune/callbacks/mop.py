@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lit_prune.arch import adapter_for, unwrap
-from lit_prune.callbacks.base import PruningCallback, merge_before_surgery, output_folder, rebuild_after_surgery
+from lit_prune.callbacks.base import (
+    PruningCallback,
+    count_windows,
+    merge_before_surgery,
+    output_folder,
+    rebuild_after_surgery,
+    warn_small_calibration,
+)
 from lit_prune.io import save_pretrained
 from lit_prune.mop.proxy import PROXIES
 from lit_prune.mop.search import DEPTH, MOP_DEPTH_CRITERIA, WIDTH, MoPSearch, MoPStep
@@ -57,7 +64,8 @@ class MixtureOfPruners(PruningCallback):
         at_epoch: the epoch of the first step; None: fit start.
         calibration: held-out calibration windows; None uses the datamodule's ``calibration_dataloader()``.
         calibration_batches: use at most this many calibration batches.
-        verbose: 0 silent, 1 one line per step.
+        verbose: 0 silent, 1 one line per step (what was removed, both proxies, parameters before and after) and
+            one when MoP finishes (where the plans went).
 
     Raises:
         MisconfigurationException: for an unknown proxy, criterion or gqa mode, a target outside (0, 1), a negative
@@ -128,6 +136,8 @@ class MixtureOfPruners(PruningCallback):
         self._reference: list[Tensor] | None = None
         """The dense model's outputs on the held-out windows (``kl`` / ``cosine``), kept in the checkpoint state so a
         resumed run measures against the same dense model (for ``kl``: tokens × vocab × 2 bytes)."""
+        self._written_to: Path | None = None
+        """The folder the plans and ``mop-trajectory.csv`` are written to (named once, when MoP finishes)."""
 
     @property
     def state_key(self) -> str:
@@ -184,6 +194,9 @@ class MixtureOfPruners(PruningCallback):
                 reference=self._reference,
             )
             self._reference = self._search.reference or None
+            device = next(self._search.hf_model.parameters()).device
+            windows = count_windows(calibration, self.calibration_batches, device)
+            warn_small_calibration("MixtureOfPruners", windows, "its candidates (AMP statistics, proxy)")
             if self.trajectory:
                 self._search.resume_from(self.trajectory)
         return self._search
@@ -212,8 +225,9 @@ class MixtureOfPruners(PruningCallback):
         self.trajectory.append(step.as_dict())
         plan = PruningPlan.from_dict(step.plan)
         self.plans.append(step.plan)
-        folder = self._write_plan(trainer, plan)
+        folder = self._write_plan(trainer, plan, announce=False)  # the folder is named once, when MoP finishes
         if trainer.is_global_zero and folder is not None:
+            self._written_to = folder.parent
             self._append_csv(folder.parent / "mop-trajectory.csv", step)
         if trainer.logger is not None and trainer.is_global_zero:
             metrics = {
@@ -233,11 +247,33 @@ class MixtureOfPruners(PruningCallback):
             # one shot: every step happens at global step 0, so the MoP step is the x-axis
             trainer.logger.log_metrics(metrics, step=step.step if self.recover_epochs == 0 else trainer.global_step)
         if self.verbose:
-            rank_zero_info(
-                f"MoP step {step.step}: {'depth' if step.branch == DEPTH else 'width'} "
-                f"(proxy {self.proxy}: depth {step.proxy_depth:.4g}, width {step.proxy_width:.4g}); params "
-                f"{step.params_before:,} -> {step.params_after:,}; {step.seconds:.1f} s; path {self.path}"
-            )
+            rank_zero_info(self._step_line(step))
+
+    def _step_line(self, step: MoPStep) -> str:
+        """One line per step: what was removed, the proxies compared, the parameters before and after."""
+        plan = step.plan
+        if step.branch == DEPTH:
+            removed = f"block {list(plan.get('drop_layers', []))}"
+        else:
+            widths = []
+            for unit, before_key, keep_key in (
+                ("heads", "heads_before", "keep_heads"),
+                ("neurons", "neurons_before", "keep_neurons"),
+            ):
+                before = list(plan.get(before_key) or ())
+                after = list(before)
+                for b, kept in (plan.get(keep_key) or {}).items():
+                    after[int(b)] = len(kept)
+                widths.append(f"{unit} {sum(before):,} -> {sum(after):,}")
+            removed = ", ".join(widths)
+        if math.isnan(step.proxy_depth) and math.isnan(step.proxy_width):
+            why = "forced: one candidate, a replayed decision or the random proxy"
+        else:
+            why = f"proxy {self.proxy}: depth {step.proxy_depth:.4g}, width {step.proxy_width:.4g}"
+        return (
+            f"MoP step {step.step}: {'depth' if step.branch == DEPTH else 'width'} ({removed}; {why}); params "
+            f"{step.params_before:,} -> {step.params_after:,}; {step.seconds:.1f} s"
+        )
 
     @staticmethod
     def _append_csv(path: Path, step: MoPStep) -> None:
@@ -254,9 +290,10 @@ class MixtureOfPruners(PruningCallback):
         total = adapter_for(model).total_params(model)
         if self.verbose and self.trajectory:
             start = self.trajectory[0]["params_before"]
+            where = f"; plans and mop-trajectory.csv in {self._written_to}" if self._written_to is not None else ""
             rank_zero_info(
                 f"MoP reached {100 * (1 - total / start):.1f}% of parameters removed (target {100 * self.target:.1f}%)"
-                f" in {len(self.trajectory)} steps: path {self.path}"
+                f" in {len(self.trajectory)} steps: path {self.path}{where}"
             )
 
     @override
@@ -302,13 +339,22 @@ class MixtureOfPruners(PruningCallback):
         self.check_model(pl_module)
         search = self.search_for(pl_module, calibration)
         plans = []
-        for step in search.run():
-            if step.step >= len(self.trajectory):
-                self.trajectory.append(step.as_dict())
-                plans.append(PruningPlan.from_dict(step.plan))
+        start = search.params_start
+        while not search.done():
+            step = search.step()
+            if step is None:
+                break
+            self.trajectory.append(step.as_dict())
+            plans.append(PruningPlan.from_dict(step.plan))
+            if self.verbose:
+                rank_zero_info(self._step_line(step))
         self.finished = True
         if self.verbose:
-            rank_zero_info(f"MoP one shot: {len(plans)} steps, path {self.path}")
+            total = search.adapter.total_params(search.hf_model)
+            rank_zero_info(
+                f"MoP one shot: {len(plans)} steps, path {self.path}; params {start:,} -> {total:,} "
+                f"({100 * (1 - total / start):.1f}% removed, target {100 * self.target:.1f}%)"
+            )
         return plans
 
     # --- checkpoint state --------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -15,8 +18,8 @@ from typing_extensions import override
 
 from lit_prune.allocation import check_width_options, make_width_plan
 from lit_prune.arch import adapter_for, unwrap
-from lit_prune.callbacks.base import PruningCallback
-from lit_prune.criteria.width import WIDTH_CRITERIA, WidthScores, random_scores, score_width
+from lit_prune.callbacks.base import PruningCallback, count_windows, warn_small_calibration
+from lit_prune.criteria.width import WIDTH_CRITERIA, WidthScores, random_scores, score_width, width_needs_for
 from lit_prune.plan import PruningPlan
 from lit_prune.surgery import apply_plan
 from lit_prune.width_surgery import check_width_keep
@@ -116,7 +119,8 @@ class WidthPruning(PruningCallback):
         """Fail before any calibration if the model family is unsupported or the budget cannot be met.
 
         The budget is checked with a dry-run allocation on placeholder scores (the model is only read), so an
-        amount that would empty a block fails here, not after the calibration pass.
+        amount that would empty a block fails here, not after the calibration pass. The dry run is silent: its plan
+        line and any warning about its placeholder plan would only repeat (or contradict) the real one's.
         """
         model = unwrap(pl_module)
         adapter = adapter_for(model)
@@ -127,7 +131,8 @@ class WidthPruning(PruningCallback):
         except TypeError as err:
             raise MisconfigurationException(f"WidthPruning: {err}") from None
         try:
-            self.plan_for(model, random_scores(model, seed=0))
+            with _silenced():
+                self.plan_for(model, random_scores(model, seed=0))
         except ValueError as err:
             raise MisconfigurationException(f"WidthPruning: {err}") from None
 
@@ -163,7 +168,13 @@ class WidthPruning(PruningCallback):
         )
         seconds = time.perf_counter() - start
         self.last_scores = scores
+        windows = None
+        if width_needs_for(self.criterion, reversed_of=self.reversed_of):  # magnitude / random read no calibration data
+            windows = count_windows(calibration, self.calibration_batches, next(model.parameters()).device)
+            warn_small_calibration("WidthPruning", windows, "the heads and neurons")
         plan = self.plan_for(model, scores)
+        if windows is not None:
+            plan.meta["calibration_windows"] = windows
         plan.meta["scoring_seconds"] = seconds
         record = getattr(pl_module, "apply_plan", None)
         if callable(record):
@@ -202,3 +213,20 @@ def _widths(model: torch.nn.Module) -> list[str]:
         f"{a.num_heads} heads / {a.num_kv_heads} KV, {m.intermediate_size} neurons"
         for a, m in zip(adapter.attentions(model), adapter.mlps(model))
     ]
+
+
+@contextlib.contextmanager
+def _silenced() -> Iterator[None]:
+    """Drop the allocation module's log records, and every Python warning, inside the block (the dry run)."""
+    logger = logging.getLogger("lit_prune.allocation.structured")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.removeFilter(drop)

@@ -515,5 +515,5 @@ def score_blocks(
         scores["consensus"] = consensus({c: scores[c] for c in components})
     if criterion == "reversed":
         scores["reversed"] = reversed_scores(scores[reversed_of])
-    log.info("Depth scores (%s): %s", criterion, {k: [round(v, 4) for v in s.tolist()] for k, s in scores.items()})
+    log.debug("Depth scores (%s): %s", criterion, {k: [round(v, 4) for v in s.tolist()] for k, s in scores.items()})
     return scores

@@ -344,7 +344,7 @@ def score_width(
         scores = random_scores(model, seed)
     if criterion == "reversed":
         scores = reversed_scores(scores)
-    log.info(
+    log.debug(
         "Width scores (%s) of %d blocks: %d heads, %d neurons",
         criterion,
         scores.num_blocks,

@@ -100,24 +100,27 @@ def format_table(summaries: Sequence[EvalSummary]) -> str:
     header = "| | " + " | ".join(s.name for s in summaries) + " |"
     lines = [header, "|---" * (len(summaries) + 1) + "|"]
     lines += ["| " + label + " | " + " | ".join(values) + " |" for label, values in rows]
-    notes = []
+    notes: dict[str, list[str]] = {}  # note -> the models it holds for (one line when they share a protocol)
     for s in summaries:
         if s.ppl is not None:
-            notes.append(
-                f"{s.name}: PPL = exp(mean next-token NLL) on {s.ppl_source or 'the given windows'}, "
+            note = (
+                f"PPL = exp(mean next-token NLL) on {s.ppl_source or 'the given windows'}, "
                 f"{s.ppl.windows} windows of {s.ppl.seq_len} tokens ({s.ppl.tokens} scored tokens)."
             )
+            notes.setdefault(note, []).append(s.name)
         if s.latency is not None:
             r = s.latency
-            notes.append(
-                f"{s.name}: latency on {r.device} ({r.dtype}, {r.threads} threads), prompt {r.prompt_len} tokens, "
+            note = (
+                f"latency on {r.device} ({r.dtype}, {r.threads} threads), prompt {r.prompt_len} tokens, "
                 f"decode {r.new_tokens} tokens with KV cache, median of {r.repeats} runs."
             )
+            notes.setdefault(note, []).append(s.name)
+    lines_out = [f"{', '.join(names)}: {note}" for note, names in notes.items()]
     for s in summaries:
         if s.zeroshot is not None:
             counts = ", ".join(f"{t} {n}" for t, n in s.zeroshot.n_items.items())
-            notes.append(
+            lines_out.append(
                 f"{s.name}: zero-shot accuracy with lm-eval (local task files, 0-shot), items per task: {counts}; "
                 f"avg = mean acc over the tasks ({s.zeroshot.seconds:.0f} s)."
             )
-    return "\n".join(lines + [""] + notes)
+    return "\n".join(lines + [""] + lines_out)

@@ -34,10 +34,12 @@ def next_token_nll(
         shift_logits.reshape(-1, shift_logits.size(-1)),
         shift_labels.reshape(-1),
         ignore_index=ignore_index,
-        reduction="sum",
-    )
+        reduction="none",
+    )  # (B*(T-1),) float32; ignored positions are 0
+    # Summed in float64 so the total does not depend on how tokens are split into batches (a float32 sum moves the
+    # mean NLL by about one ulp with the batch size).
     count = (shift_labels != ignore_index).sum()
-    return nll.double(), count
+    return nll.sum(dtype=torch.float64), count
 
 
 def labels_for(

@@ -263,7 +263,7 @@ class MoPSearch:
         depth_plan = self._depth_plan(scores)
         width_plan = self._width_plan(scores, depth_plan)
         if depth_plan is None and width_plan is None:
-            log.info("MoP stops: no candidate fits the remaining %s parameters", f"{self.remaining:,}")
+            log.debug("MoP stops: no candidate fits the remaining %s parameters", f"{self.remaining:,}")
             self._stuck = True
             return None
 
@@ -345,7 +345,7 @@ class MoPSearch:
                 method="mop:width:amp",
             )
         except ValueError as err:
-            log.info("MoP: no width candidate this step (%s)", err)
+            log.debug("MoP: no width candidate this step (%s)", err)
             return None
 
     def _forced_branch(self, depth_plan: PruningPlan | None, width_plan: PruningPlan | None) -> str | None:

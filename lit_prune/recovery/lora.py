@@ -243,7 +243,7 @@ def merge_adapters(pl_module: nn.Module) -> bool:
     if model is None or not is_lora(model):
         return False
     pl_module.model = merge_lora(model)
-    log.info("Merged LoRA adapters into the base weights")
+    log.debug("Merged LoRA adapters into the base weights")
     return True
 
 

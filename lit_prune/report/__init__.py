@@ -3,6 +3,8 @@
 from lit_prune.report.collect import (
     MEASUREMENTS_FILE,
     BlockHistory,
+    BlockScores,
+    HeadScores,
     RunRecord,
     block_history,
     collect_run,
@@ -14,6 +16,8 @@ __all__ = [
     "MEASUREMENTS_FILE",
     "REPORT_FILE",
     "BlockHistory",
+    "BlockScores",
+    "HeadScores",
     "RunRecord",
     "block_history",
     "collect_run",

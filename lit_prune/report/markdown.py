@@ -1,9 +1,12 @@
 """``report.md``: one Markdown page per pruning run, with its PNG figures in ``report/`` beside it.
 
 Sections: a dense-vs-pruned table (parameters always; perplexity, latency and zero-shot accuracy when
-:class:`~lit_prune.callbacks.PruningReport` measured them), the applied steps, the structure per block (figure and
-table), block and head importance heatmaps, and the MoP path. Without matplotlib the page keeps its tables and says
-how to get the figures.
+:class:`~lit_prune.callbacks.PruningReport` measured them), the applied steps, sparsity per block (figure and table),
+the structure per block (figure and table), block and head importance heatmaps, and the MoP path. Without matplotlib
+the page keeps its tables and says how to get the figures.
+
+Rewriting a report into a folder that already holds one removes the figures an earlier report wrote there and this
+one does not draw (only the report's own figure names in ``report/``: nothing else in the folder is touched).
 """
 
 from __future__ import annotations
@@ -15,12 +18,21 @@ from pathlib import Path
 
 from lit_prune.eval.summary import EvalSummary
 from lit_prune.report.collect import BlockHistory, RunRecord, block_history, collect_run
-from lit_prune.report.plots import have_matplotlib, plot_block_scores, plot_head_scores, plot_mop_path, plot_structure
+from lit_prune.report.plots import (
+    have_matplotlib,
+    plot_block_scores,
+    plot_head_scores,
+    plot_mop_path,
+    plot_sparsity,
+    plot_structure,
+)
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
 FIGURES_FOLDER = "report"
+FIGURES = ("structure", "block_scores", "head_scores", "sparsity", "mop_path")
+"""The figures a report may draw, each written as ``report/<name>.png``."""
 
 
 def write_report(run: str | Path | RunRecord, output: str | Path | None = None) -> Path:
@@ -32,12 +44,17 @@ def write_report(run: str | Path | RunRecord, output: str | Path | None = None) 
 
     Returns:
         The path of ``report.md``.
+
+    Raises:
+        FileNotFoundError: if ``run`` is a folder that does not exist or holds no plan.
+        ValueError: if ``run`` holds plan files of several runs, or a plan file breaks the plan format rules.
     """
     record = run if isinstance(run, RunRecord) else collect_run(run)
     folder = Path(output) if output is not None else record.folder
     folder.mkdir(parents=True, exist_ok=True)
     history = block_history(record.plans)
     figures = _figures(record, history, folder / FIGURES_FOLDER)
+    _remove_stale_figures(folder / FIGURES_FOLDER, figures)
     lines = [
         "# Pruning report",
         "",
@@ -52,7 +69,7 @@ def write_report(run: str | Path | RunRecord, output: str | Path | None = None) 
         "",
         *_steps(record),
         "",
-        *_sparsity(record),
+        *_sparsity(record, figures),
         "## Structure per block",
         "",
         *_image(figures, "structure", "kept blocks, heads and neurons per block"),
@@ -88,9 +105,21 @@ def _figures(record: RunRecord, history: BlockHistory, folder: Path) -> dict[str
         "structure": plot_structure(history, folder / "structure.png"),
         "block_scores": plot_block_scores(history, folder / "block_scores.png"),
         "head_scores": plot_head_scores(history, folder / "head_scores.png"),
+        "sparsity": plot_sparsity(record.plans, folder / "sparsity.png"),
         "mop_path": plot_mop_path(record.trajectory, folder / "mop_path.png"),
     }
     return {name: path for name, path in drawn.items() if path is not None}
+
+
+def _remove_stale_figures(folder: Path, figures: dict[str, Path]) -> None:
+    """Delete this writer's figures in ``folder`` that the report just written does not show (an earlier run's)."""
+    stale = [folder / f"{name}.png" for name in FIGURES if name not in figures and (folder / f"{name}.png").is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("Removed %d figure(s) of an earlier report from %s: %s", len(stale), folder, [p.name for p in stale])
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _image(figures: dict[str, Path], name: str, alt: str) -> list[str]:
@@ -200,12 +229,12 @@ def _steps(record: RunRecord) -> list[str]:
     return lines
 
 
-def _sparsity(record: RunRecord) -> list[str]:
+def _sparsity(record: RunRecord, figures: dict[str, Path]) -> list[str]:
     """Per sparsity step: overall and per-block fraction of zero weights in the blocks' projections."""
     steps = [(i, p) for i, p in enumerate(record.plans, start=1) if "block_sparsity" in p.meta]
     if not steps:
         return []
-    lines = ["## Sparsity", ""]
+    lines = ["## Sparsity", "", *_image(figures, "sparsity", "sparsity per block")]
     for i, plan in steps:
         meta = plan.meta
         nm = meta.get("n_m")

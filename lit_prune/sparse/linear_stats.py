@@ -25,9 +25,15 @@ from lit_prune.stats._common import _last_tokens
 NEEDS = ("hessian", "input_sq", "last_token")
 """The statistics a criterion can ask for."""
 
-_CHUNK = 4096
-"""Tokens summed in float32 at a time before they are added to the float64 sums (float32 matmuls are several times
-faster on CPU; a partial sum over at most this many tokens keeps float32's relative error near 1e-6)."""
+_CHUNK_ELEMENTS = 1 << 24
+"""Input elements cast to float64 at a time (a 128 MiB copy), so memory stays bounded for long batches.
+
+The inputs are cast to float64 *before* the products: a product of two float32 (or bf16/fp16) values is exact in
+float64, and a float64 sum over ``n`` tokens is off by at most ``n · 2⁻⁵³ · Σ |x_i x_j|`` (typically ``√n · 2⁻⁵³``),
+so the sums do not depend on how the BLAS blocks the matmul, on the batch shape, the padding or the chunking
+(float32 partial sums did, by ~1e-7 relative). Cost on CPU: the update takes 1.6-2.2x its float32 version (576 and
+1536 features, 576-2048 tokens); a one-shot Hessian pass over a SmolLM2-shaped model went from 0.86 s to 1.17 s.
+"""
 
 
 @dataclass(eq=False)
@@ -63,18 +69,23 @@ class LinearStats:
         return self.input_sq.sqrt()
 
     def update(self, x: Tensor, attention_mask: Tensor | None) -> None:
-        """Add the inputs ``x`` (``(B, T, in)`` with a ``(B, T)`` padding mask, or ``(N, in)`` tokens)."""
+        """Add the inputs ``x`` (``(B, T, in)`` with a ``(B, T)`` padding mask, or ``(N, in)`` tokens).
+
+        The sums are accumulated in float64 from inputs cast to float64 before any product (see ``_CHUNK_ELEMENTS``),
+        so they do not depend on the BLAS blocking, the batch shape or the padding; every caller goes through here.
+        """
         x = x.detach()
         masked = attention_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(attention_mask.shape)
         keep = attention_mask.to(device=x.device, dtype=torch.bool) if masked else None  # type: ignore[union-attr]
         tokens = x[keep] if keep is not None else x.reshape(-1, x.size(-1))  # (N, in)
         self.count += tokens.shape[0]
-        for start in range(0, tokens.shape[0], _CHUNK):
-            chunk = tokens[start : start + _CHUNK].float()  # float32 partial sums, accumulated in float64
+        step = max(1, _CHUNK_ELEMENTS // max(1, tokens.shape[1]))
+        for start in range(0, tokens.shape[0], step):
+            chunk = tokens[start : start + step].double()  # (n, in), exact: products and sums in float64
             if self.input_sq is not None:
                 self.input_sq += chunk.square().sum(0)
             if self.hessian_sum is not None:
-                self.hessian_sum += chunk.T @ chunk
+                self.hessian_sum.addmm_(chunk.T, chunk)  # Σ x xᵀ, (in, in)
         if self.last_inputs is not None:
             if x.dim() == 3:
                 rows, positions = _last_tokens(keep, x.shape[0], x.shape[1], x.device)

@@ -317,7 +317,7 @@ def prune_sparse(
         "trim": trim_rows,
         "target": target,
     }
-    log.info(
+    log.debug(
         "Sparsity (%s, %s, %s%s): %.4f of %s prunable weights zeroed in %.1f s; block ratios %.3f..%.3f",
         criterion,
         allocation,

@@ -8,6 +8,7 @@ from itertools import islice
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -188,7 +189,8 @@ def hooked_pass(
         metric = attach(hf_model, hooks, current)
         metric.to(target)
         decoder = adapter_for(hf_model).decoder(hf_model)
-        for item in tqdm(items, total=total, desc=desc, disable=not progress, leave=False):
+        bar_off = not progress or getattr(rank_zero_only, "rank", 0) != 0  # under DDP one bar, on rank 0
+        for item in tqdm(items, total=total, desc=desc, disable=bar_off, leave=False):
             ids, mask = _as_inputs(item)
             current["attention_mask"] = None if mask is None else mask.to(target)
             decoder(input_ids=ids.to(target), attention_mask=current["attention_mask"], use_cache=False)

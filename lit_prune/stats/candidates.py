@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import Metric
 from tqdm.auto import tqdm
@@ -237,7 +238,7 @@ class _Capture:
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if index == 0:
                 self.first_input = hidden
-            for key, value in (("use_cache", False), ("past_key_values", None)):
+            for key, value in (("use_cache", False), ("past_key_values", None), ("cache", None)):
                 if key in kwargs:
                     kwargs[key] = value
             self.calls[index] = (tuple(args[1:]), kwargs)
@@ -305,7 +306,8 @@ def collect_global_statistics(
         decoder, norm = adapter.decoder(hf_model), adapter.final_norm(hf_model)
         for index, block in enumerate(blocks):
             hooks.forward_pre(block, capture.hook(index))
-        for item in tqdm(items, total=total, desc="global statistics", disable=not progress, leave=False):
+        bar_off = not progress or getattr(rank_zero_only, "rank", 0) != 0  # under DDP one bar, on rank 0
+        for item in tqdm(items, total=total, desc="global statistics", disable=bar_off, leave=False):
             ids, mask = _as_inputs(item)
             ids, mask = ids.to(target), None if mask is None else mask.to(target)
             capture.active = True

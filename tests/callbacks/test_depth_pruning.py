@@ -1,4 +1,6 @@
 import json
+import logging
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -200,3 +202,81 @@ def test_scores_and_removed_blocks_reach_the_logger(tmp_path, caplog):
     assert "depth/fraction_removed" in header
     assert "DepthPruning (consensus): removed blocks [1, 4] of 6" in caplog.text
     assert "DepthPruning scores [bi]:" in caplog.text
+
+
+UNSTABLE = "may change with another calibration sample"
+
+
+def _unstable_warnings(record):
+    return [str(w.message) for w in record if UNSTABLE in str(w.message)]
+
+
+def test_few_calibration_windows_warn_where_the_blocks_are_chosen():
+    module = CausalLMModule(model=_model())
+    with pytest.warns(UserWarning, match=r"only 8 calibration windows \(fewer than 16\)") as record:
+        plan = DepthPruning(criterion="bi", num_layers=2, verbose=0).prune(module, _loader(n=8))
+    (message,) = _unstable_warnings(record)
+    assert "Depth plan (depth:bi)" in message and "Score on more calibration windows" in message
+    margin = plan.meta["decision_margin"]
+    assert plan.meta["calibration_windows"] == 8
+    assert margin["last_removed"] in plan.drop_layers and margin["first_kept"] not in plan.drop_layers
+    assert margin["gap"] == pytest.approx(margin["first_kept_score"] - margin["last_removed_score"])
+    assert margin["gap"] >= 0
+
+
+def test_enough_windows_and_a_clear_margin_do_not_warn():
+    module = CausalLMModule(model=_model())  # blocks 1 and 4 are identities: BI 0, far below the others
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plan = DepthPruning(criterion="bi", num_layers=2, verbose=0).prune(module, _loader(n=16))
+    assert plan.drop_layers == IDENTITY and plan.meta["calibration_windows"] == 16
+    assert plan.meta["decision_margin"]["relative"] > 0.05
+    assert not _unstable_warnings(record)
+
+
+def test_calibration_batches_cap_the_counted_windows_and_random_never_warns():
+    with pytest.warns(UserWarning, match=r"only 4 calibration windows"):
+        DepthPruning(criterion="bi", num_layers=1, calibration_batches=1, verbose=0).prune(
+            CausalLMModule(model=_model()), _loader(n=32)
+        )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plan = DepthPruning(criterion="random", num_layers=2, verbose=0).prune(
+            CausalLMModule(model=_model()), _loader(n=4)
+        )
+    assert not _unstable_warnings(record) and "decision_margin" not in plan.meta
+
+
+def test_make_depth_plan_warns_on_a_near_tie_and_checks_the_window_count():
+    from lit_prune.surgery import make_depth_plan
+
+    model = _model()
+    scores = [0.0, 1.0, 1.02, 2.0, 3.0, 4.0]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        clear = make_depth_plan(model, scores, num_remove=1, calibration_windows=64)
+        make_depth_plan(model, scores, num_remove=2)  # no count: not from calibration, nothing checked
+    assert not _unstable_warnings(record) and clear.meta["decision_margin"]["relative"] > 0.5
+    with pytest.warns(UserWarning, match=r"a near tie \(margin below 5% of the scores' interquartile range\)"):
+        tie = make_depth_plan(model, scores, num_remove=2, calibration_windows=64)
+    assert tie.drop_layers == (0, 1)
+    assert (tie.meta["decision_margin"]["last_removed"], tie.meta["decision_margin"]["first_kept"]) == (1, 2)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"`calibration_windows` must be None or an int >= 1, got {bad!r}"):
+            make_depth_plan(model, scores, num_remove=1, calibration_windows=bad)
+
+
+def test_default_verbosity_logs_one_result_line_and_no_scores(caplog):
+    module = CausalLMModule(model=_model())
+    with caplog.at_level("INFO"):
+        DepthPruning(criterion="consensus", num_layers=2, verbose=1).prune(module, _loader(n=16))
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert lines == ["DepthPruning (consensus): removed blocks [1, 4] of 6; params 254,784 -> 180,800 (29.0% removed); "
+                     f"scoring on 16 calibration windows took {lines[0].rsplit('took ', 1)[1]}"]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        DepthPruning(criterion="consensus", num_layers=1, verbose=2).prune(module, _loader(n=16))
+    text = caplog.text
+    for name in ("bi", "angular", "cka", "consensus"):
+        assert text.count(f"DepthPruning scores [{name}]:") == 1  # each score vector once
+    assert "Depth scores" not in text and "Depth plan" not in text  # the criteria and the plan log at DEBUG

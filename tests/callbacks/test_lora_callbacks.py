@@ -191,7 +191,7 @@ def test_nothing_saved_without_merge_and_a_second_fit_keeps_the_adapters(tmp_pat
 def test_cka_lora_never_picks_identity_blocks(tmp_path, caplog):
     identity = (2, 5)  # the last block too: it is scored on its own output
     module = CausalLMModule(model=_model(identity=identity))
-    callback = CKALoRA(ratio=4 / 6, r=2, merge_at_end=False, verbose=1)
+    callback = CKALoRA(ratio=4 / 6, r=2, merge_at_end=False, verbose=2)
     logger = CSVLogger(tmp_path / "logs")
     with caplog.at_level("INFO"):
         _trainer(tmp_path, [callback], logger=logger).fit(module, train_dataloaders=_loader())
@@ -389,7 +389,8 @@ def test_mixture_of_pruners_merges_before_its_steps_and_before_saving_mop_final(
     assert lora.attachments[0]["layers"] == list(range(5))
     assert is_lora(module.model)  # merge_at_end=False: MoP saved a merged copy and left the live model alone
     reloaded = load_pretrained(tmp_path / "mop-final")
-    torch.testing.assert_close(_logits(reloaded, X), _logits(module.model, X), atol=1e-5, rtol=0)
+    # the saved merged copy vs the live adapters: float32 rounding of W + s·BA, seen 1.1e-6 on logits of ~0.7
+    torch.testing.assert_close(_logits(reloaded, X), _logits(module.model, X), atol=3e-5, rtol=0)
 
 
 def test_cka_lora_after_global_width_pruning_counts_non_uniform_blocks(tmp_path):

@@ -1,6 +1,7 @@
 import csv
 import functools
 import json
+import logging
 
 import lightning.pytorch as pl
 import pytest
@@ -119,3 +120,23 @@ def test_the_dense_reference_of_kl_travels_in_the_checkpoint(tmp_path):
     _, resumed = _recovering_run(tmp_path, max_epochs=8, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), proxy="kl")
     assert resumed._search is not None
     assert all(torch.equal(a, b) for a, b in zip(resumed._search.reference, dense_reference, strict=True))
+
+
+def test_one_shot_logs_one_line_per_step_and_warns_once_about_few_windows(caplog):
+    module = CausalLMModule(model=_model())
+    mop = MixtureOfPruners(target=0.2, proxy="ppl", verbose=1)
+    with caplog.at_level("INFO"), pytest.warns(UserWarning, match=r"MixtureOfPruners .* only 4 calibration windows"):
+        plans = mop.prune_all(module, _loader())
+    # lit_prune.allocation.structured (another module's) logs each width candidate's plan line; the rest is ours
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.INFO and r.name != "lit_prune.allocation.structured"
+    ]
+    steps = [line for line in lines if line.startswith("MoP step")]
+    assert len(steps) == len(plans) == len(mop.path) >= 1
+    first = mop.trajectory[0]
+    assert f"params {first['params_before']:,} -> {first['params_after']:,}" in steps[0]
+    assert ("block [" in steps[0]) == (mop.path[0] == "L") and ("neurons" in steps[0]) == (mop.path[0] == "G")
+    assert lines[-1].startswith(f"MoP one shot: {len(plans)} steps, path {mop.path}; params ")
+    assert len(lines) == len(plans) + 1  # depth candidates' plans and the surgery log at DEBUG

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -169,3 +170,23 @@ def test_targets_that_cannot_be_met_fail_in_setup(tmp_path, model_kwargs, amount
         _trainer(tmp_path, [callback]).fit(CausalLMModule(model=model), train_dataloaders=_loader(seed=1))
     after = model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state) and not callback.plans
+
+
+def test_few_calibration_windows_warn_and_the_plan_line_is_logged_once(caplog):
+    module = CausalLMModule(model=_model())
+    with caplog.at_level("DEBUG", logger="lit_prune.allocation.structured"), pytest.warns(
+        UserWarning, match=r"WidthPruning scored the heads and neurons on only 8 calibration windows \(fewer than 16\)"
+    ):
+        plan = WidthPruning(amount=0.2, verbose=0).prune(module, _loader(n=8))
+    assert plan.meta["calibration_windows"] == 8
+    records = [r for r in caplog.records if r.name == "lit_prune.allocation.structured"]
+    plan_lines = [r for r in records if "Width plan" in r.getMessage()]
+    assert len(plan_lines) == 1  # the budget dry run in check_model is silent
+
+
+def test_enough_windows_or_a_data_free_criterion_do_not_warn():
+    for criterion, n in (("amp", 16), ("magnitude", 4)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            WidthPruning(criterion=criterion, amount=0.2, verbose=0).prune(CausalLMModule(model=_model()), _loader(n=n))
+        assert not [w for w in record if "calibration windows" in str(w.message)], criterion

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from lit_prune.eval import LatencyResult, latency
+from lit_prune.eval.latency import LatencyComparison, Ratio, compare_latency
 
 FAST = dict(prompt_len=16, new_tokens=4, repeats=2)
 
@@ -58,7 +62,7 @@ def test_prefill_keeps_only_last_logits(tiny_model: LlamaForCausalLM) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    prefills = [i for i, kw in enumerate(calls) if kw.get("past_key_values") is None]
+    prefills = [i for i, kw in enumerate(calls) if kw["input_ids"].size(1) > 1]
     assert len(prefills) == 3  # batch 1, batch 2, then the decode prompt
     assert [calls[i]["use_cache"] for i in prefills] == [False, False, True]
     assert all(calls[i]["logits_to_keep"] == 1 for i in prefills)
@@ -93,6 +97,65 @@ def test_latency_misconfiguration(tiny_model: LlamaForCausalLM) -> None:
             latency(tiny_model, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`config.vocab_size`, got Linear"):
         latency(torch.nn.Linear(2, 2))
+
+
+def test_latency_uses_the_current_cache_api_without_deprecation_warnings(
+    tiny_model: LlamaForCausalLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers 5.x deprecates `past_key_values` (removed in 5.40): latency() must not go through it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            latency(tiny_model, batch_sizes=(1,), warmup=1, prompt_len=8, new_tokens=3, repeats=1)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_decode_extends_one_cache_token_by_token(tiny_model: LlamaForCausalLM) -> None:
+    """Every decode forward sees the cache the prompt filled, one token longer each time (no re-prefill)."""
+    seen: list[tuple[int, int]] = []
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            seen.append((kwargs["input_ids"].size(1), cache.get_seq_length()))
+
+    handle = tiny_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        latency(tiny_model, batch_sizes=(1,), warmup=0, prompt_len=8, new_tokens=3, repeats=1)
+    finally:
+        handle.remove()
+    assert seen == [(8, 0), (1, 8), (1, 9), (1, 10)]
+
+
+def test_compare_latency_alternates_and_reports_the_spread(tiny_model: LlamaForCausalLM, monkeypatch) -> None:
+    lat = importlib.import_module("lit_prune.eval.latency")  # the package re-exports a function of that name
+    other = LlamaForCausalLM(tiny_model.config).eval()
+    order: list[str] = []
+    real = lat.latency
+
+    def timed(model: torch.nn.Module, **kwargs: Any) -> LatencyResult:
+        order.append("model" if model is tiny_model else "reference")
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(lat, "latency", timed)
+    cmp = compare_latency(tiny_model, other, rounds=3, batch_sizes=(1, 2), warmup=0, **FAST)
+    assert isinstance(cmp, LatencyComparison) and cmp.rounds == 3
+    assert order == ["reference", "model", "model", "reference", "reference", "model"]  # the order flips
+    ratios = [m.prefill_ms[2] / r.prefill_ms[2] for m, r in zip(cmp.model, cmp.reference)]
+    ratio = cmp.prefill_ratio(2)
+    assert (ratio.low, ratio.high, ratio.rounds) == (min(ratios), max(ratios), 3)
+    assert ratio.low <= ratio.median <= ratio.high
+    assert cmp.decode_ratio().rounds == 3
+    median = cmp.median_model()
+    assert median.prefill_ms[1] == sorted(m.prefill_ms[1] for m in cmp.model)[1]
+    assert "over 3 alternations" in str(ratio) and "prefill b2" in cmp.summary()
+    with pytest.raises(ValueError, match="`rounds` must be an int >= 1, got 0"):
+        compare_latency(tiny_model, other, rounds=0)
+
+
+def test_ratio_text() -> None:
+    assert str(Ratio.of([0.7, 0.78, 0.74])) == "0.74x (range 0.70-0.78 over 3 alternations)"
 
 
 @pytest.mark.slow

@@ -15,6 +15,9 @@ def test_summary_table_has_protocol_and_numbers(tiny_model):
     assert "prefill latency, batch 2" in table
     assert "dense: PPL = exp(mean next-token NLL) on corpus.txt, 3 windows of 12 tokens (33 scored tokens)." in table
     assert size_only.ppl is None and size_only.latency is None
+    twice = format_table([dense, dense]).splitlines()  # one protocol line per protocol, naming every model
+    assert sum("PPL = exp" in line for line in twice) == 1
+    assert [line for line in twice if "latency on cpu" in line][0].startswith("dense, dense: latency on cpu")
     assert dense.as_dict()["params"]["total"] == sum(p.numel() for p in tiny_model.parameters())
 
 

@@ -124,7 +124,9 @@ def test_reference_proxies_are_zero_for_an_unchanged_model_and_positive_otherwis
     search = MoPSearch(model, _batches(), 0.3, proxy=proxy)
     scores = search._fresh_scores()
     same, _ = search._evaluate(WIDTH, PruningPlan(num_layers=6), measure=True)
-    assert same == pytest.approx(0.0, abs=1e-5)
+    # kl: the dense log-probs are stored in float16 (rounding up to ~2e-3 at ~-5.5), so an unchanged model scores
+    # Σ p·ε ≠ 0: ~4e-6 over these tokens (1e-5 left a margin of 2.4); 5e-5 stays under the 1e-4 a pruned model exceeds
+    assert same == pytest.approx(0.0, abs=5e-5)
     depth_plan = search._depth_plan(scores)
     assert depth_plan is not None
     value, _ = search._evaluate(DEPTH, depth_plan, measure=True)

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 
 import matplotlib.image
@@ -10,11 +11,12 @@ from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
 from lit_prune import CausalLMModule
-from lit_prune.callbacks import DepthPruning, MixtureOfPruners, PruningReport, WidthPruning
+from lit_prune.callbacks import DepthPruning, MixtureOfPruners, PruningReport, SparsityPruning, WidthPruning
 from lit_prune.cli import _model_shortcut, main, run_prune
 from lit_prune.datamodules import TextDataModule
 from lit_prune.plan import PruningPlan
-from lit_prune.report import block_history, collect_run, write_report
+from lit_prune.report import RunRecord, block_history, collect_run, write_report
+from lit_prune.report.plots import block_score_rows, head_marks, linear_sparsity, sparsity_steps
 
 
 def _model(layers: int = 4) -> LlamaForCausalLM:
@@ -55,10 +57,87 @@ def test_block_history_maps_every_step_back_to_the_original_blocks():
     assert history.dropped == [True, False, True, False]
     assert history.heads_before == [4, 4, 4, 4] and history.heads_after == [0, 2, 0, 4]
     assert history.neurons_after == [0, 8, 0, 3]
-    (_, first), (_, second) = history.block_scores
-    assert first == [0.1, 5, 6, 7]
-    assert math.isnan(second[0]) and second[1:] == [5, 0.2, 7]
-    assert history.head_scores[0][1][3] == [1, 2, 3, 4]
+    first, second = history.block_scores
+    assert first.scores == [0.1, 5, 6, 7] and first.dropped == [0]
+    assert math.isnan(second.scores[0]) and second.scores[1:] == [5, 0.2, 7] and second.dropped == [2]
+    assert history.head_scores[0].scores[3] == [1, 2, 3, 4]
+    # the figures get: the heads the width step cut (block 1 keeps 0 and 2), and the blocks dropped in the run
+    assert head_marks(history.head_scores[0]) == ([(1, 1), (1, 3)], [0, 2])
+
+
+def _consensus_plan(**overrides):
+    fields = dict(
+        drop_layers=(1, 3),
+        num_layers=4,
+        method="depth:consensus",
+        params_before=100,
+        params_after=60,
+        scores=(4.0, 1.0, 3.0, 2.0),
+        meta={
+            "criterion": "consensus",
+            "component_scores": {"consensus": [4.0, 1.0, 3.0, 2.0], "bi": [0.4, 0.1, 0.3, 0.2], "cka": [1, 0, 1, 0]},
+        },
+    )
+    fields.update(overrides)
+    return PruningPlan(**fields)
+
+
+def test_block_scores_show_every_sub_score_with_the_removed_blocks():
+    rows = block_score_rows(block_history([_consensus_plan()]))
+    assert [(label.strip(), marked) for label, _, marked in rows] == [
+        ("1: depth:consensus", [1, 3]),
+        ("bi", [1, 3]),
+        ("cka", [1, 3]),
+    ]
+    assert rows[1][1] == [0.4, 0.1, 0.3, 0.2]
+    # a plan that did not record sub-scores (or recorded them for another model) keeps its one row
+    plain = _consensus_plan(meta={"criterion": "consensus", "component_scores": {"bi": [0.1, 0.2]}})
+    assert [label for label, _, _ in block_score_rows(block_history([plain]))] == ["1: depth:consensus"]
+    assert len(block_score_rows(block_history([_consensus_plan(meta={})]))) == 1
+
+
+def _sparsity_plan(**meta):
+    base = {"sparsity": 0.5, "zeros": 50, "prunable": 100, "block_ratios": [0.4, 0.6], "block_sparsity": [0.4, 0.6]}
+    return PruningPlan(num_layers=2, method="sparsity:wanda", params_before=10, params_after=10, meta=base | meta)
+
+
+def test_sparsity_figure_data():
+    depth = PruningPlan(drop_layers=(0,), num_layers=3, method="depth:bi", params_before=20, params_after=10)
+    steps = sparsity_steps([depth, _sparsity_plan()])
+    assert [(i, p.method) for i, p in steps] == [(2, "sparsity:wanda")]
+    layers = {
+        "model.layers.1.mlp.down_proj": 0.7,
+        "model.layers.0.self_attn.q_proj": 0.3,
+        "model.layers.1.self_attn.q_proj": 0.5,
+    }
+    names, rows = linear_sparsity({"layer_sparsity": layers}, 2)
+    assert names == ["q_proj", "down_proj"]  # projection order, not name order
+    assert rows[0] == [0.3, 0.5] and math.isnan(rows[1][0]) and rows[1][1] == 0.7
+    assert linear_sparsity({}, 2) is None
+    assert linear_sparsity({"layer_sparsity": {"lm_head": 0.5}}, 2) is None  # no block index: bars only
+
+
+def test_rewriting_a_report_removes_its_stale_figures_only(tmp_path, caplog):
+    width = PruningPlan(
+        num_layers=4,
+        method="width:amp",
+        params_before=100,
+        params_after=90,
+        keep_heads={1: (0, 2)},
+        heads_before=(4, 4, 4, 4),
+        meta={"head_scores": [[1, 2, 3, 4]] * 4},
+    )
+    out = tmp_path / "out"
+    write_report(RunRecord(folder=tmp_path, plans=[width, _consensus_plan(params_before=90)]), out)
+    figures = out / "report"
+    assert sorted(p.name for p in figures.iterdir()) == ["block_scores.png", "head_scores.png", "structure.png"]
+    (figures / "notes.png").write_bytes(b"mine")  # not the report's: left alone
+    with caplog.at_level(logging.INFO, logger="lit_prune.report.markdown"):
+        text = write_report(RunRecord(folder=tmp_path, plans=[_sparsity_plan()]), out).read_text()
+    assert "Removed 2 figure(s) of an earlier report" in caplog.text and "'head_scores.png'" in caplog.text
+    assert sorted(p.name for p in figures.iterdir()) == ["notes.png", "sparsity.png", "structure.png"]
+    assert "(report/sparsity.png)" in text and "head_scores" not in text
+    _png_shape(figures / "sparsity.png")
 
 
 def collect_order(plans):
@@ -70,9 +149,11 @@ def test_a_pruning_fit_writes_the_report_with_its_figures(tmp_path):
     module = CausalLMModule(model=model)
     callbacks = [
         WidthPruning(amount=0.2, calibration=_loader(), verbose=0),
-        DepthPruning(num_layers=1, calibration=_loader(), verbose=0),
+        DepthPruning(num_layers=1, criterion="consensus", calibration=_loader(), verbose=0),
     ]
     quiet_trainer(tmp_path, callbacks, max_steps=1).fit(module, train_dataloaders=_loader(4, seed=1))
+    history = block_history(collect_run(tmp_path).plans)
+    assert list(history.block_scores[0].components) == ["bi", "angular", "cka"]  # what the depth plan recorded
     report = tmp_path / "report.md"
     text = report.read_text()
     for figure in ("structure", "block_scores", "head_scores"):
@@ -81,9 +162,17 @@ def test_a_pruning_fit_writes_the_report_with_its_figures(tmp_path):
         assert height > 100 and width > 100
     total = sum(p.numel() for p in model.parameters())
     assert f"{total:,}" in text  # the pruned parameter count in the comparison table
-    assert "`width:amp`" in text and "`depth:bi`" in text
+    assert "`width:amp`" in text and "`depth:consensus`" in text
     assert text.count("| dropped |") == 1
     assert "add the `lit_prune.callbacks.PruningReport` callback" in text
+
+
+def test_a_sparsity_fit_gets_a_sparsity_figure(tmp_path):
+    callback = SparsityPruning(criterion="magnitude", sparsity=0.5, calibration=_loader(), verbose=0)
+    quiet_trainer(tmp_path, [callback], max_steps=1).fit(CausalLMModule(model=_model()), train_dataloaders=_loader())
+    text = (tmp_path / "report.md").read_text()
+    assert "(report/sparsity.png)" in text and "block_scores" not in text
+    _png_shape(tmp_path / "report" / "sparsity.png")
 
 
 def test_mop_report_has_the_path_and_its_figure(tmp_path):

@@ -31,7 +31,9 @@ def test_lora_on_a_sparse_base_merges_to_the_model_it_trained():
         adapted = wrapped(input_ids=ids).logits
     merged = merge_lora(wrapped)
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+        # merged W + s·BA vs W x + s·B(A x) round differently in float32: seen 1.2e-6 on logits of ~0.6 (8x under the
+        # old 1e-5); 3e-5 is 5e-5 of that scale, while the adapters move the logits by ~0.8
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=3e-5, rtol=1e-5)
     assert sparsity_report(merged).zeros == zeros
 
 
@@ -58,5 +60,5 @@ def test_without_masks_the_forward_is_peft_s_own():
         torch.testing.assert_close(layer(x), expected)
     merged = merge_lora(wrapped)
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=3e-5, rtol=1e-5)  # as above
     assert not masks_of(merged)
