@@ -35,6 +35,7 @@ from lit_prune.cli_eval import EvalOptions, _model_shortcut, eval_parser, run_ev
 from lit_prune.cli_logging import LOG_LEVELS, cli_logging, pop_log_level
 from lit_prune.datamodules import TokenDataModule
 from lit_prune.datamodules.sources import _looks_like_file as looks_like_file
+from lit_prune.eval.summary import format_table
 from lit_prune.io import save_pretrained
 from lit_prune.module import CausalLMModule
 from lit_prune.plan import PLANS_FILE, PruningPlan, read_plans
@@ -410,7 +411,7 @@ def _dispatch(command: str | None, words: list[str]) -> None:
         print(top_level_help())
         return
     if command == "eval":
-        run_eval(words[1:])
+        print(format_table([run_eval(words[1:])]))
     elif command == "prune":
         run_prune(words[1:])
     elif command == "report":

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from lit_prune.cli_errors import LIBRARY_ERRORS, CLIError, innermost_error, parser_options, summarize_parser_error
 from lit_prune.datamodules import TextDataModule, TokenDataModule
-from lit_prune.eval.summary import EvalSummary, evaluate_model, format_table
+from lit_prune.eval.summary import EvalSummary, evaluate_model
 from lit_prune.eval.zeroshot import zero_shot
 from lit_prune.module import CausalLMModule
 from lit_prune.presets import CPU_PROTOCOL
@@ -182,9 +182,8 @@ def run_eval(args: list[str]) -> EvalSummary:
             batch_size=opts.zeroshot_batch_size,
             data_dir=opts.data_dir,
         )
-    print(format_table([summary]))
     if opts.output:
         Path(opts.output).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.output).write_text(json.dumps(summary.as_dict(), indent=2, default=str))
-        print(f"Wrote {opts.output}")
+        log.info("Wrote %s", opts.output)
     return summary
