@@ -198,20 +198,9 @@ def _expected_shapes(
     adapter: ModelAdapter, shape: BlockShape, head_dim: int, hidden: int
 ) -> dict[str, tuple[int, ...]]:
     """The shapes a block with widths ``shape`` gives its projections, keyed by their name inside the block."""
-    a, m = adapter.attention_attr, adapter.mlp_attr
-    q, kv, inter = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim, shape.intermediate_size
-    out: dict[str, tuple[int, ...]] = {
-        f"{a}.{adapter.q_attr}.weight": (q, hidden),
-        f"{a}.{adapter.k_attr}.weight": (kv, hidden),
-        f"{a}.{adapter.v_attr}.weight": (kv, hidden),
-        f"{a}.{adapter.o_attr}.weight": (hidden, q),
-        f"{m}.{adapter.gate_attr}.weight": (inter, hidden),
-        f"{m}.{adapter.up_attr}.weight": (inter, hidden),
-        f"{m}.{adapter.down_attr}.weight": (hidden, inter),
-    }
-    for attr, rows in ((adapter.q_attr, q), (adapter.k_attr, kv), (adapter.v_attr, kv)):
-        out[f"{a}.{attr}.bias"] = (rows,)  # checked only where the checkpoint has biases (Qwen2)
-    return out
+    return adapter.expected_shapes(
+        shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size, head_dim, hidden
+    )
 
 
 def check_record_against_weights(folder: str | Path, config: Any, shapes: list[BlockShape]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from lit_prune.arch import AttentionView, MLPView, ModelAdapter, adapter_for
+from lit_prune.arch import AttentionView, MLPView, ModelAdapter, Projection, adapter_for
 from lit_prune.plan import _as_index
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,37 @@ def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Ten
     return new
 
 
-def _head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:
-    """Row (or column) indices of the given heads in a ``(heads·head_dim, ·)`` projection."""
-    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+def _dim_index(size: int, parts: list[tuple[Projection, Sequence[int] | None]]) -> torch.Tensor | None:
+    """Indices to keep along one dim of a Linear from its unit slices (None: the dim is not cut).
+
+    The slices on a dim must tile it (a fused ``[q; k; v]`` Linear has three); each contributes its kept units'
+    indices in order, so the surviving rows keep the fused layout the family's forward splits.
+    """
+    if not parts or all(kept is None for _, kept in parts):
+        return None
+    ordered = sorted(parts, key=lambda item: item[0].placement.offset)
+    start = 0
+    for proj, _ in ordered:
+        if proj.placement.offset != start:
+            raise RuntimeError(f"The slices of `{proj.placement.path}` do not tile its dim {proj.dim} (gap at {start})")
+        start += proj.placement.size
+    if start != size:
+        raise RuntimeError(f"The slices of `{ordered[0][0].placement.path}` cover {start} of its {size} indices")
+    return torch.cat([proj.indices(kept) for proj, kept in ordered])
+
+
+def _cut(parts: list[tuple[Projection, Sequence[int] | None]]) -> None:
+    """Replace every Linear the slices name by the part of it that the kept units (None: all) occupy."""
+    slots: dict[tuple[int, str], list[tuple[Projection, Sequence[int] | None]]] = {}
+    for proj, kept in parts:
+        slots.setdefault((id(proj.parent), proj.attr), []).append((proj, kept))
+    for group in slots.values():
+        proj = group[0][0]
+        linear = proj.linear
+        rows = _dim_index(int(linear.out_features), [(p, k) for p, k in group if p.dim == 0])
+        cols = _dim_index(int(linear.in_features), [(p, k) for p, k in group if p.dim == 1])
+        if rows is not None or cols is not None:
+            setattr(proj.parent, proj.attr, _sliced(linear, rows=rows, cols=cols))  # type: ignore[arg-type]
 
 
 def kv_heads_kept(view: AttentionView, keep: Sequence[int]) -> list[int]:
@@ -133,22 +161,13 @@ def prune_heads(model: nn.Module, block: int, keep: Iterable[int]) -> list[int]:
     view = _view(adapter, model, block)
     kept = _checked_keep(keep, view.num_heads, f"query heads of block {block}")
     kv_kept = kv_heads_kept(view, kept)
-    _check_plain_linear(view.q, view.k, view.v, view.o)
+    _check_plain_linear(*(p.module for p in view.linears()))
     if len(kept) == view.num_heads:
         return kept
-
-    q_rows = _head_rows(kept, view.head_dim)
-    attn = view.module
-    setattr(attn, adapter.q_attr, _sliced(view.q, rows=q_rows))
-    setattr(attn, adapter.o_attr, _sliced(view.o, cols=q_rows))
-    if len(kv_kept) < view.num_kv_heads:
-        kv_rows = _head_rows(kv_kept, view.head_dim)
-        setattr(attn, adapter.k_attr, _sliced(view.k, rows=kv_rows))
-        setattr(attn, adapter.v_attr, _sliced(view.v, rows=kv_rows))
-    _set_int_attr(attn, "num_key_value_groups", len(kept) // len(kv_kept))
-    _set_int_attr(attn, "num_heads", len(kept))
-    _set_int_attr(attn, "num_attention_heads", len(kept))
-    _set_int_attr(attn, "num_key_value_heads", len(kv_kept))
+    adapter.check_head_pruning(model)  # only a real removal is refused (a reload calls this with every head kept)
+    kv_cut = kv_kept if len(kv_kept) < view.num_kv_heads else None
+    _cut([(view.q, kept), (view.o, kept), (view.k, kv_cut), (view.v, kv_cut)])
+    adapter.on_attention_resized(view.module, len(kept), len(kv_kept))
     log.debug(
         "Block %d: query heads %d -> %d, KV heads %d -> %d",
         block,
@@ -190,14 +209,11 @@ def prune_neurons(model: nn.Module, block: int, keep: Iterable[int]) -> list[int
     _check_block(block, len(blocks))
     view: MLPView = adapter.mlp(blocks[block])
     kept = _checked_keep(keep, view.intermediate_size, f"MLP neurons of block {block}")
-    _check_plain_linear(view.gate, view.up, view.down)
+    _check_plain_linear(*(p.module for p in view.linears()))
     if len(kept) == view.intermediate_size:
         return kept
-    rows = torch.tensor(kept, dtype=torch.long)
-    setattr(view.module, adapter.gate_attr, _sliced(view.gate, rows=rows))
-    setattr(view.module, adapter.up_attr, _sliced(view.up, rows=rows))
-    setattr(view.module, adapter.down_attr, _sliced(view.down, cols=rows))
-    _set_int_attr(view.module, "intermediate_size", len(kept))
+    _cut([(p, kept) for p in view.projections])
+    adapter.on_mlp_resized(view.module, len(kept))
     log.debug("Block %d: MLP neurons %d -> %d", block, view.intermediate_size, len(kept))
     return kept
 
@@ -212,13 +228,16 @@ def check_width_keep(
     for block, keep in keep_heads.items():
         _check_block(block, len(blocks))
         view = adapter.attention(blocks[block], head_dim)
-        kv_heads_kept(view, _checked_keep(keep, view.num_heads, f"query heads of block {block}"))
-        _check_plain_linear(view.q, view.k, view.v, view.o)
+        kept = _checked_keep(keep, view.num_heads, f"query heads of block {block}")
+        kv_heads_kept(view, kept)
+        _check_plain_linear(*(p.module for p in view.linears()))
+        if len(kept) < view.num_heads:
+            adapter.check_head_pruning(model)
     for block, keep in keep_neurons.items():
         _check_block(block, len(blocks))
         mlp = adapter.mlp(blocks[block])
         _checked_keep(keep, mlp.intermediate_size, f"MLP neurons of block {block}")
-        _check_plain_linear(mlp.gate, mlp.up, mlp.down)
+        _check_plain_linear(*(p.module for p in mlp.linears()))
 
 
 def _check_block(block: object, num_blocks: int) -> None:
@@ -233,10 +252,3 @@ def _view(adapter: ModelAdapter, model: nn.Module, block: int) -> AttentionView:
     blocks = adapter.blocks(model)
     _check_block(block, len(blocks))
     return adapter.attention(blocks[block], adapter.head_dim(model))
-
-
-def _set_int_attr(module: nn.Module, name: str, value: int) -> None:
-    """Update an int attribute the module already has (families differ in which they keep)."""
-    current = module.__dict__.get(name)
-    if isinstance(current, int) and not isinstance(current, bool):
-        setattr(module, name, value)

@@ -56,14 +56,16 @@ def _rebuilt(model: nn.Module, plan: PruningPlan) -> nn.Module:
         heads = (plan.keep_heads or {}).get(b, tuple(range(attn.num_heads)))
         groups = sorted({h // gs for h in heads})
         neurons = len((plan.keep_neurons or {}).get(b, range(mlp.intermediate_size)))
-        hidden = attn.q.in_features
-        attn.module.q_proj = nn.Linear(hidden, len(heads) * hd, bias=attn.q.bias is not None)
-        attn.module.k_proj = nn.Linear(hidden, len(groups) * hd, bias=attn.k.bias is not None)
-        attn.module.v_proj = nn.Linear(hidden, len(groups) * hd, bias=attn.v.bias is not None)
-        attn.module.o_proj = nn.Linear(len(heads) * hd, hidden, bias=attn.o.bias is not None)
-        mlp.module.gate_proj = nn.Linear(hidden, neurons, bias=mlp.gate.bias is not None)
-        mlp.module.up_proj = nn.Linear(hidden, neurons, bias=mlp.up.bias is not None)
-        mlp.module.down_proj = nn.Linear(neurons, hidden, bias=mlp.down.bias is not None)
+        q, k, v, o = (p.linear for p in (attn.q, attn.k, attn.v, attn.o))
+        gate, up, down = (p.linear for p in (mlp.gate, mlp.up, mlp.down))
+        hidden = q.in_features
+        attn.module.q_proj = nn.Linear(hidden, len(heads) * hd, bias=q.bias is not None)
+        attn.module.k_proj = nn.Linear(hidden, len(groups) * hd, bias=k.bias is not None)
+        attn.module.v_proj = nn.Linear(hidden, len(groups) * hd, bias=v.bias is not None)
+        attn.module.o_proj = nn.Linear(len(heads) * hd, hidden, bias=o.bias is not None)
+        mlp.module.gate_proj = nn.Linear(hidden, neurons, bias=gate.bias is not None)
+        mlp.module.up_proj = nn.Linear(hidden, neurons, bias=up.bias is not None)
+        mlp.module.down_proj = nn.Linear(neurons, hidden, bias=down.bias is not None)
     return pruned
 
 

@@ -18,10 +18,11 @@ def test_structure_views(tiny_model):
     assert ad.head_dim(tiny_model) == 24  # from the config, not 64 // 4
     views = ad.attentions(tiny_model)
     assert [(v.num_heads, v.num_kv_heads, v.group_size) for v in views] == [(4, 2, 2)] * 4
-    assert views[0].q is tiny_model.model.layers[0].self_attn.q_proj
-    assert views[0].o.in_features == 4 * 24
+    assert views[0].q.linear is tiny_model.model.layers[0].self_attn.q_proj
+    assert views[0].o.linear.in_features == 4 * 24
+    assert views[0].o.weight().shape == (64, 4 * 24)
     mlp = ad.mlp(ad.blocks(tiny_model)[2])
-    assert mlp.down is tiny_model.model.layers[2].mlp.down_proj
+    assert mlp.down.linear is tiny_model.model.layers[2].mlp.down_proj
     assert mlp.intermediate_size == 96
     assert ad.embeddings(tiny_model) is tiny_model.model.embed_tokens
     assert ad.lm_head(tiny_model) is tiny_model.lm_head
@@ -104,7 +105,8 @@ def test_unsupported_model_type_names_it():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(UnsupportedModelError, match=r"model_type='gpt2'.*supported: \['llama', 'mistral'"):
+    supported = r"supported: \['gemma3_text', 'llama', 'mistral', 'phi', 'phi3', 'qwen2', 'qwen3'\]"
+    with pytest.raises(UnsupportedModelError, match=rf"model_type='gpt2'.*{supported}"):
         adapter_for(model)
     with pytest.raises(UnsupportedModelError, match="model_type=None"):
         adapter_for(torch.nn.Linear(2, 2))
@@ -159,5 +161,12 @@ def test_attention_rejects_widths_not_multiple_of_head_dim(tiny_model):
     block = tiny_model.model.layers[0]
     block.self_attn.q_proj = torch.nn.Linear(64, 50, bias=False)
     ad = adapter_for(tiny_model)
-    with pytest.raises(ValueError, match=r"q_proj/k_proj widths \(50, 48\) are not multiples of head_dim=24"):
+    with pytest.raises(ValueError, match=r"q_proj has 50 rows but o_proj takes 96 inputs \(4 heads of head_dim=24\)"):
+        ad.attention(block, ad.head_dim(tiny_model))
+    block.self_attn.q_proj = torch.nn.Linear(64, 96, bias=False)
+    block.self_attn.k_proj = torch.nn.Linear(64, 30, bias=False)
+    with pytest.raises(ValueError, match=r"k/v widths \(30\) are not positive multiples of head_dim=24"):
+        ad.attention(block, ad.head_dim(tiny_model))
+    block.self_attn.o_proj = torch.nn.Linear(50, 64, bias=False)
+    with pytest.raises(ValueError, match=r"o_proj width 50 is not a multiple of head_dim=24"):
         ad.attention(block, ad.head_dim(tiny_model))

@@ -42,6 +42,7 @@ import torch
 from conftest import tiny_config
 from transformers import LlamaForCausalLM
 
+import lit_prune.arch.base as arch_base
 import lit_prune.callbacks
 import lit_prune.datamodules
 import lit_prune.eval
@@ -323,6 +324,8 @@ def _patch_common(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data: Path, c
     monkeypatch.chdir(tmp_path / "run")
     monkeypatch.setenv("LIT_PRUNE_DATA_DIR", str(data))
     monkeypatch.setattr(pl, "Trainer", capped_trainer(caps.max_steps, caps.limit_batches, caps.checkpoints))
+    # "Adding a model family" registers an example adapter: keep it out of the other tests' registry
+    monkeypatch.setattr(arch_base, "_REGISTRY", dict(arch_base._REGISTRY))
     monkeypatch.setattr(lit_prune.eval, "zero_shot", _capped(lit_prune.eval.zero_shot, limit=caps.zero_shot_limit))
     latency = _capped(lit_prune.eval.latency, new_tokens=caps.new_tokens, repeats=1, warmup=0)
     monkeypatch.setattr(lit_prune.eval, "latency", latency)

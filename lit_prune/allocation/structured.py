@@ -69,13 +69,13 @@ def _linear_numel(linear: nn.Linear) -> int:
 
 
 def _attention_params(view: AttentionView) -> int:
-    """Parameters of a block's q, k, v and o projections (weights and biases)."""
-    return sum(_linear_numel(lin) for lin in (view.q, view.k, view.v, view.o))
+    """Parameters of a block's attention projections (weights and biases; a fused Linear once)."""
+    return sum(_linear_numel(p.linear) for p in view.linears())
 
 
 def _mlp_params(view: MLPView) -> int:
-    """Parameters of a block's gate, up and down projections (weights and biases)."""
-    return sum(_linear_numel(lin) for lin in (view.gate, view.up, view.down))
+    """Parameters of a block's MLP projections (weights and biases; a fused Linear once)."""
+    return sum(_linear_numel(p.linear) for p in view.linears())
 
 
 @dataclass(frozen=True)

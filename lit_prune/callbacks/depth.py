@@ -16,16 +16,27 @@ from typing_extensions import override
 
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback, count_windows
-from lit_prune.criteria.depth import DEPTH_CRITERIA, ONE_PASS, score_blocks
+from lit_prune.criteria import registry
+from lit_prune.criteria.depth import ONE_PASS, score_blocks
 from lit_prune.plan import PruningPlan
 from lit_prune.surgery import apply_plan, make_depth_plan
 
 log = logging.getLogger(__name__)
 
 DepthCriterion = Literal[
-    "bi", "angular", "angular_block", "cka", "cka_all", "cka_global", "cosine_global", "kl_global", "consensus",
-    "random", "reversed",
+    "bi",
+    "angular",
+    "angular_block",
+    "cka",
+    "cka_all",
+    "cka_global",
+    "cosine_global",
+    "kl_global",
+    "consensus",
+    "random",
+    "reversed",
 ]
+"""The registered depth criteria (``registry.names("depth")``; a test keeps the two equal)."""
 
 
 class DepthPruning(PruningCallback):
@@ -83,13 +94,14 @@ class DepthPruning(PruningCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__(at_epoch, calibration, calibration_batches, verbose)
-        if criterion not in DEPTH_CRITERIA:
-            raise MisconfigurationException(f"`criterion` must be one of {list(DEPTH_CRITERIA)}, got {criterion!r}")
+        try:
+            registry.criterion("depth", criterion)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
+        allowed = registry.names("depth", composite=False)
         for name, members in (("consensus_of", list(consensus_of)), ("reversed_of", [reversed_of])):
-            bad = [c for c in members if c not in DEPTH_CRITERIA or c in ("consensus", "reversed")]
-            if bad or not members:
-                allowed = [c for c in DEPTH_CRITERIA if c not in ("consensus", "reversed")]
-                raise MisconfigurationException(f"`{name}` must name criteria from {allowed}, got {members!r}")
+            if not members or any(c not in allowed for c in members):
+                raise MisconfigurationException(f"`{name}` must name criteria from {list(allowed)}, got {members!r}")
         if (num_layers is None) == (amount is None):
             raise MisconfigurationException(
                 f"Give exactly one of `num_layers` and `amount`, got num_layers={num_layers!r}, amount={amount!r}"
@@ -212,4 +224,3 @@ class DepthPruning(PruningCallback):
 
 def _device(model: torch.nn.Module) -> torch.device | None:
     return next((p.device for p in model.parameters()), None)
-

@@ -35,7 +35,6 @@ from lit_prune.plan import PruningPlan
 from lit_prune.recovery.cka import cka_importance, select_blocks
 from lit_prune.recovery.distill import Distillation, freeze, frozen_copy
 from lit_prune.recovery.lora import (
-    LLAMA_TARGETS,
     LoRASpec,
     attach_to_module,
     check_lora_args,
@@ -57,7 +56,8 @@ class LoRA(Callback):
         r: adapter rank.
         alpha: LoRA alpha (the update is scaled by ``alpha / r``).
         dropout: dropout on the adapter input.
-        target_modules: projection names that get adapters (default: the 7 of the LLaMA family).
+        target_modules: projection names that get adapters (default None: every prunable projection of the
+            model's family, e.g. the 7 of LLaMA, ``qkv_proj``/``o_proj``/``gate_up_proj``/``down_proj`` of Phi-3).
         layers: block indices that get adapters; None = every block.
         distill: add ``distill_alpha · KL(teacher ‖ student)`` to the loss, the teacher being a frozen copy of the
             model taken in ``setup``, i.e. before any pruning callback of the same fit ran. Costs a second copy of
@@ -91,7 +91,7 @@ class LoRA(Callback):
         r: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.05,
-        target_modules: Sequence[str] = LLAMA_TARGETS,
+        target_modules: Sequence[str] | None = None,
         layers: Sequence[int] | None = None,
         distill: bool = False,
         distill_alpha: float = 1.0,
@@ -124,7 +124,7 @@ class LoRA(Callback):
         self.r = r
         self.alpha = alpha
         self.dropout = dropout
-        self.target_modules = tuple(target_modules)
+        self.target_modules = None if target_modules is None else tuple(target_modules)
         self.layers = None if layers is None else tuple(sorted(set(layers)))
         self.distill = distill
         self.distill_alpha = distill_alpha
@@ -396,7 +396,7 @@ class CKALoRA(LoRA):
         r: int = 8,
         alpha: float = 16.0,
         dropout: float = 0.05,
-        target_modules: Sequence[str] = LLAMA_TARGETS,
+        target_modules: Sequence[str] | None = None,
         distill: bool = False,
         distill_alpha: float = 1.0,
         temperature: float = 1.0,

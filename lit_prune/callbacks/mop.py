@@ -24,6 +24,8 @@ from lit_prune.callbacks.base import (
     rebuild_after_surgery,
     warn_small_calibration,
 )
+from lit_prune.callbacks.width import WidthCriterion
+from lit_prune.criteria import registry
 from lit_prune.io import save_pretrained
 from lit_prune.mop.proxy import PROXIES
 from lit_prune.mop.search import DEPTH, MOP_DEPTH_CRITERIA, WIDTH, MoPSearch, MoPStep
@@ -55,6 +57,8 @@ class MixtureOfPruners(PruningCallback):
         proxy: ``ppl``, ``kl`` (to the dense model), ``cosine`` (final hidden states) or ``random`` (seeded).
         depth_criterion: how the depth candidate's block is chosen (one-pass depth criteria, or ``position``: the
             third-to-last block, as the paper's code does).
+        width_criterion: how the width candidate's heads and neurons are chosen: any registered width criterion
+            (``amp`` by default, ``amp_act``, ``magnitude``, ``wanda_sp``, ``random``, ``reversed`` of ``amp``).
         gqa: GQA mode of the width candidate (``query`` or ``group``).
         round_to: MLP widths stay multiples of this.
         recover_epochs_between_steps: train this many epochs between steps; 0 prunes in one shot.
@@ -79,6 +83,7 @@ class MixtureOfPruners(PruningCallback):
         target: float = 0.25,
         proxy: str = "ppl",
         depth_criterion: str = "bi",
+        width_criterion: WidthCriterion = "amp",
         gqa: str = "query",
         round_to: int = 1,
         recover_epochs_between_steps: int = 0,
@@ -96,6 +101,10 @@ class MixtureOfPruners(PruningCallback):
             (
                 depth_criterion in MOP_DEPTH_CRITERIA,
                 f"`depth_criterion` must be one of {list(MOP_DEPTH_CRITERIA)}, got {depth_criterion!r}",
+            ),
+            (
+                width_criterion in registry.names("width"),
+                f"`width_criterion` must be one of {list(registry.names('width'))}, got {width_criterion!r}",
             ),
             (gqa in ("query", "group"), f"`gqa` must be one of ['query', 'group'], got {gqa!r}"),
             (
@@ -123,6 +132,7 @@ class MixtureOfPruners(PruningCallback):
         self.target = float(target)
         self.proxy = proxy
         self.depth_criterion = depth_criterion
+        self.width_criterion = width_criterion
         self.gqa = gqa
         self.round_to = round_to
         self.recover_epochs = recover_epochs_between_steps
@@ -185,6 +195,7 @@ class MixtureOfPruners(PruningCallback):
                 self.target,
                 proxy=self.proxy,
                 depth_criterion=self.depth_criterion,
+                width_criterion=self.width_criterion,
                 gqa=self.gqa,
                 round_to=self.round_to,
                 decisions=self.decisions,
@@ -196,7 +207,8 @@ class MixtureOfPruners(PruningCallback):
             self._reference = self._search.reference or None
             device = next(self._search.hf_model.parameters()).device
             windows = count_windows(calibration, self.calibration_batches, device)
-            warn_small_calibration("MixtureOfPruners", windows, "its candidates (AMP statistics, proxy)")
+            what = f"its candidates ({self.depth_criterion} / {self.width_criterion} scores, proxy)"
+            warn_small_calibration("MixtureOfPruners", windows, what)
             if self.trajectory:
                 self._search.resume_from(self.trajectory)
         return self._search

@@ -19,7 +19,8 @@ from typing_extensions import override
 from lit_prune.allocation import check_width_options, make_width_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback, count_windows, warn_small_calibration
-from lit_prune.criteria.width import WIDTH_CRITERIA, WidthScores, random_scores, score_width, width_needs_for
+from lit_prune.criteria import registry
+from lit_prune.criteria.width import WidthScores, random_scores, score_width, width_needs_for
 from lit_prune.plan import PruningPlan
 from lit_prune.surgery import apply_plan
 from lit_prune.width_surgery import check_width_keep
@@ -27,6 +28,7 @@ from lit_prune.width_surgery import check_width_keep
 log = logging.getLogger(__name__)
 
 WidthCriterion = Literal["amp", "amp_act", "magnitude", "wanda_sp", "random", "reversed"]
+"""The registered width criteria (``registry.names("width")``; a test keeps the two equal)."""
 
 
 class WidthPruning(PruningCallback):
@@ -88,11 +90,11 @@ class WidthPruning(PruningCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__(at_epoch, calibration, calibration_batches, verbose)
-        if criterion not in WIDTH_CRITERIA:
-            raise MisconfigurationException(f"`criterion` must be one of {list(WIDTH_CRITERIA)}, got {criterion!r}")
-        if reversed_of not in WIDTH_CRITERIA or reversed_of == "reversed":
-            negatable = [c for c in WIDTH_CRITERIA if c != "reversed"]
-            raise MisconfigurationException(f"`reversed_of` must be one of {negatable}, got {reversed_of!r}")
+        try:
+            registry.criterion("width", criterion)
+            registry.members("width", "reversed", {"reversed": reversed_of})  # what `reversed` may negate
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
         try:
             check_width_options(amount, of=of, gqa=gqa, allocation=allocation, round_to=round_to, min_keep=min_keep)
         except ValueError as err:
@@ -128,7 +130,8 @@ class WidthPruning(PruningCallback):
         neurons = {b: range(m.intermediate_size) for b, m in enumerate(adapter.mlps(model))}
         try:
             check_width_keep(model, everything, neurons)  # plain nn.Linear projections (LoRA merged) everywhere
-        except TypeError as err:
+            adapter.check_head_pruning(model)  # a family quirk may refuse head removal (Phi with qk_layernorm)
+        except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"WidthPruning: {err}") from None
         try:
             with _silenced():

@@ -1,4 +1,7 @@
-"""Importance criteria: pure functions from collected statistics to scores (higher = more important)."""
+"""Importance criteria: pure functions from collected statistics to scores (higher = more important).
+
+Each is registered once in :mod:`lit_prune.criteria.registry` with its name and what it needs.
+"""
 
 from lit_prune.criteria.depth import (
     DEPTH_CRITERIA,
@@ -18,6 +21,7 @@ from lit_prune.criteria.depth import (
     reversed_scores,
     score_blocks,
 )
+from lit_prune.criteria.registry import Criterion, ScoreInputs, register_criterion
 from lit_prune.criteria.sparse import (
     SPARSE_CRITERIA,
     check_nm,
@@ -47,6 +51,8 @@ __all__ = [
     "ONE_PASS",
     "SPARSE_CRITERIA",
     "WIDTH_CRITERIA",
+    "Criterion",
+    "ScoreInputs",
     "WidthScores",
     "amp",
     "amp_act",
@@ -68,6 +74,7 @@ __all__ = [
     "prune_mask",
     "random_scores",
     "random_width_scores",
+    "register_criterion",
     "reversed_scores",
     "reversed_width_scores",
     "score_blocks",

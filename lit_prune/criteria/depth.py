@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from lit_prune.arch import adapter_for
+from lit_prune.criteria import registry
+from lit_prune.criteria.registry import ScoreInputs, register_criterion
 from lit_prune.stats import (
     Batches,
     CKASums,
@@ -35,31 +37,8 @@ from lit_prune.stats import (
 
 log = logging.getLogger(__name__)
 
-DEPTH_CRITERIA = (
-    "bi",
-    "angular",
-    "angular_block",
-    "cka",
-    "cka_all",
-    "cka_global",
-    "cosine_global",
-    "kl_global",
-    "consensus",
-    "random",
-    "reversed",
-)
-"""Every name :func:`score_blocks` accepts."""
-
 ONE_PASS = ("bi", "angular", "cka")
 """Criteria computed from one statistics pass; the default members of :func:`consensus`."""
-
-GLOBAL_CRITERIA = ("cka_global", "cosine_global", "kl_global")
-"""Criteria that run the model once per candidate block (prefix shared)."""
-
-_MEMBERS = ("bi", "angular", "angular_block", "cka", "cka_all", *GLOBAL_CRITERIA, "random")
-"""What ``consensus`` may aggregate and ``reversed`` may negate (``reversed`` may also negate ``consensus``)."""
-_NEEDS = {"bi": "bi", "angular": "angular", "angular_block": "angular", "cka": "cka_last", "cka_all": "cka_all"}
-_GLOBAL_METRIC = {"cka_global": "cka", "cosine_global": "cosine", "kl_global": "kl"}
 
 _CONSTANT_RTOL = 1e-10
 """A centred Gram matrix counts as zero (constant features) below this fraction of the uncentred one's norm."""
@@ -353,6 +332,106 @@ def reversed_scores(scores: Tensor) -> Tensor:
     return -scores.to(torch.float64)
 
 
+register_criterion(
+    "bi",
+    "depth",
+    bi,
+    needs=("bi",),
+    call=lambda i: bi(i.stats),
+    description="Block Influence: 1 - mean cos(h_i, h_i+1)",
+)
+register_criterion(
+    "angular",
+    "depth",
+    angular,
+    needs=("angular",),
+    call=lambda i: angular(i.stats),
+    description="angular distance of a block's input and output at the last token",
+)
+register_criterion(
+    "angular_block",
+    "depth",
+    angular_block,
+    needs=("angular",),
+    call=lambda i: angular_block(i.stats, i.n),
+    description="Gromov et al.: the contiguous window of n blocks with the smallest angular distance",
+)
+register_criterion(
+    "cka",
+    "depth",
+    cka,
+    needs=("cka_last",),
+    call=lambda i: cka(i.stats, "last"),
+    description="1 - linear CKA of a block's input and output features, last token",
+)
+register_criterion(
+    "cka_all",
+    "depth",
+    cka,
+    needs=("cka_all",),
+    call=lambda i: cka(i.stats, "all"),
+    description="1 - linear CKA of a block's input and output features, all tokens",
+)
+register_criterion(
+    "cka_global",
+    "depth",
+    cka_global,
+    needs=("cka",),
+    global_pass=True,
+    call=lambda i: cka_global(i.global_stats),
+    description="1 - CKA of the final representations with and without the block",
+)
+register_criterion(
+    "cosine_global",
+    "depth",
+    cosine_global,
+    needs=("cosine",),
+    global_pass=True,
+    call=lambda i: cosine_global(i.global_stats),
+    description="1 - mean cos of the final representations with and without the block",
+)
+register_criterion(
+    "kl_global",
+    "depth",
+    kl_global,
+    needs=("kl",),
+    global_pass=True,
+    call=lambda i: kl_global(i.global_stats),
+    description="mean KL of the next-token distributions with and without the block",
+)
+register_criterion(
+    "consensus",
+    "depth",
+    consensus,
+    of=ONE_PASS,
+    many=True,
+    call=lambda i: consensus({c: i.scores[c] for c in i.of}),
+    description="Borda count over the ranks of `consensus_of`",
+)
+register_criterion(
+    "random",
+    "depth",
+    random_scores,
+    call=lambda i: random_scores(i.num_blocks, i.seed),
+    description="a seeded random order (control)",
+)
+register_criterion(
+    "reversed",
+    "depth",
+    reversed_scores,
+    of=("bi",),
+    of_composites=True,
+    call=lambda i: reversed_scores(i.scores[i.of[0]]),
+    description="the opposite order of `reversed_of` (control)",
+)
+
+DEPTH_CRITERIA = registry.names("depth")
+"""Every name :func:`score_blocks` accepts (read from the registry)."""
+
+GLOBAL_CRITERIA = registry.names("depth", composite=False, global_pass=True)
+"""Criteria that run the model once per candidate block (prefix shared)."""
+
+
 def is_global(name: str) -> bool:
     """Whether criterion ``name`` runs the model once per candidate block (``*_global``).
 
@@ -365,24 +444,9 @@ def is_global(name: str) -> bool:
     return name in GLOBAL_CRITERIA
 
 
-def _check_criterion(name: str, argument: str, allowed: Sequence[str]) -> None:
-    if name not in allowed:
-        raise ValueError(f"`{argument}` must be one of {list(allowed)}, got {name!r}")
-
-
-def _components(criterion: str, consensus_of: Sequence[str], reversed_of: str) -> list[str]:
-    """The single criteria (never ``consensus`` or ``reversed``) that ``criterion`` is computed from, in order."""
-    _check_criterion(criterion, "criterion", DEPTH_CRITERIA)
-    if criterion == "reversed":
-        _check_criterion(reversed_of, "reversed_of", (*_MEMBERS, "consensus"))
-        return _components(reversed_of, consensus_of, reversed_of)
-    if criterion == "consensus":
-        if isinstance(consensus_of, str) or not consensus_of:
-            raise ValueError(f"`consensus_of` must be a non-empty list of {list(_MEMBERS)}, got {consensus_of!r}")
-        for member in consensus_of:
-            _check_criterion(member, "consensus_of", _MEMBERS)
-        return list(dict.fromkeys(consensus_of))
-    return [criterion]
+def _members(consensus_of: Sequence[str], reversed_of: str) -> dict[str, str | Sequence[str]]:
+    """The members of the composites, as :mod:`~lit_prune.criteria.registry` takes them."""
+    return {"consensus": consensus_of, "reversed": reversed_of}
 
 
 def needs_for(criteria: Iterable[str], *, consensus_of: Sequence[str] = ONE_PASS, reversed_of: str = "bi") -> set[str]:
@@ -403,24 +467,7 @@ def needs_for(criteria: Iterable[str], *, consensus_of: Sequence[str] = ONE_PASS
         >>> sorted(needs_for(["consensus"]))
         ['angular', 'bi', 'cka_last']
     """
-    if isinstance(criteria, str):
-        criteria = (criteria,)
-    needs: set[str] = set()
-    for criterion in criteria:
-        needs.update(_NEEDS[c] for c in _components(criterion, consensus_of, reversed_of) if c in _NEEDS)
-    return needs
-
-
-def _one_pass_scores(stats: DepthStats, components: Iterable[str], n: int) -> dict[str, Tensor]:
-    """The one-pass criteria among ``components``, computed from reduced statistics (on CPU)."""
-    one_pass = {
-        "bi": lambda: bi(stats),
-        "angular": lambda: angular(stats),
-        "angular_block": lambda: angular_block(stats, n),
-        "cka": lambda: cka(stats, "last"),
-        "cka_all": lambda: cka(stats, "all"),
-    }
-    return {c: one_pass[c]().cpu() for c in components if c in one_pass}
+    return registry.needs("depth", criteria, _members(consensus_of, reversed_of))
 
 
 def scores_from_stats(
@@ -440,18 +487,13 @@ def scores_from_stats(
     Raises:
         ValueError: if the criterion involves a global criterion (``*_global``) or is unknown.
     """
-    components = _components(criterion, consensus_of, reversed_of)
-    glob = [c for c in components if c in GLOBAL_CRITERIA]
+    of = _members(consensus_of, reversed_of)
+    glob = [c for c in registry.components("depth", criterion, of) if is_global(c)]
     if glob:
         raise ValueError(f"Criterion {criterion!r} needs a global pass ({glob}); use score_blocks")
-    scores = _one_pass_scores(stats, components, n)
-    if "random" in components:
-        scores["random"] = random_scores(stats.num_blocks, seed)
-    if "consensus" in (criterion, reversed_of if criterion == "reversed" else None):
-        scores["consensus"] = consensus({c: scores[c] for c in components})
-    if criterion == "reversed":
-        scores["reversed"] = reversed_scores(scores[reversed_of])
-    return scores[criterion]
+    inputs = ScoreInputs(stats=stats, num_blocks=stats.num_blocks, n=n, seed=seed)
+    scores: Tensor = registry.compute("depth", criterion, inputs, of)[criterion]
+    return scores.cpu()
 
 
 def score_blocks(
@@ -493,27 +535,21 @@ def score_blocks(
     Raises:
         ValueError: if ``criterion``, ``consensus_of``, ``reversed_of`` or ``n`` is invalid, or the batches are.
     """
-    components = _components(criterion, consensus_of, reversed_of)
+    of = _members(consensus_of, reversed_of)
+    components = registry.components("depth", criterion, of)
     num_blocks = adapter_for(model).num_blocks(model)
     if "angular_block" in components and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= num_blocks):
         raise ValueError(f"`n` must be an int in 1..{num_blocks} (the number of blocks), got {n!r}")
-    needs = {_NEEDS[c] for c in components if c in _NEEDS}
-    global_metrics = {_GLOBAL_METRIC[c] for c in components if c in _GLOBAL_METRIC}
+    needs = registry.needs("depth", criterion, of)
+    global_metrics = registry.needs("depth", criterion, of, global_pass=True)
     if needs and global_metrics and not isinstance(batches, Tensor) and iter(batches) is batches:
         batches = list(islice(batches, max_batches))
-    scores: dict[str, Tensor] = {}
+    stats = gstats = None
     if needs:
         stats = collect_depth_statistics(model, batches, needs, max_batches, progress, device).compute()
-        scores.update(_one_pass_scores(stats, components, n))
     if global_metrics:
         gstats = collect_global_statistics(model, batches, global_metrics, max_batches, progress, device).compute()
-        per_candidate = {"cka_global": cka_global, "cosine_global": cosine_global, "kl_global": kl_global}
-        scores.update({c: per_candidate[c](gstats).cpu() for c in components if c in per_candidate})
-    if "random" in components:
-        scores["random"] = random_scores(num_blocks, seed)
-    if "consensus" in (criterion, reversed_of if criterion == "reversed" else None):
-        scores["consensus"] = consensus({c: scores[c] for c in components})
-    if criterion == "reversed":
-        scores["reversed"] = reversed_scores(scores[reversed_of])
+    inputs = ScoreInputs(stats=stats, global_stats=gstats, num_blocks=num_blocks, n=n, seed=seed)
+    scores: dict[str, Tensor] = {k: v.cpu() for k, v in registry.compute("depth", criterion, inputs, of).items()}
     log.debug("Depth scores (%s): %s", criterion, {k: [round(v, 4) for v in s.tolist()] for k, s in scores.items()})
     return scores

@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-SPARSE_CRITERIA = ("magnitude", "wanda", "sparsegpt")
-"""The weight-level pruning methods of this module."""
+from lit_prune.criteria import registry
+from lit_prune.criteria.registry import register_criterion
 
 
 def check_nm(n_m: tuple[int, int] | list[int] | str | None) -> tuple[int, int] | None:
@@ -398,3 +398,28 @@ def hessian_from_sum(xx_sum: Tensor, count: int) -> Tensor:
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"`count` must be a positive int (tokens behind `xx_sum`), got {count!r}")
     return xx_sum.double() * (2.0 / count)
+
+
+register_criterion(
+    "magnitude",
+    "sparse",
+    magnitude_scores,
+    description="|W|, ranked over the whole layer (no data)",
+)
+register_criterion(
+    "wanda",
+    "sparse",
+    wanda_scores,
+    needs=("input_sq",),
+    description="Wanda: |W|·‖X_j‖₂, ranked per output row",
+)
+register_criterion(
+    "sparsegpt",
+    "sparse",
+    sparsegpt,
+    needs=("hessian",),
+    description="SparseGPT: OBS mask selection and weight update from the Hessian of the inputs",
+)
+
+SPARSE_CRITERIA = registry.names("sparse")
+"""The weight-level pruning methods of this module (read from the registry)."""

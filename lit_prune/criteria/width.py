@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from lit_prune.arch import AttentionView, MLPView, adapter_for
+from lit_prune.criteria import registry
+from lit_prune.criteria.registry import ScoreInputs, register_criterion
 from lit_prune.stats import Batches, WidthStats, collect_width_statistics
 
 log = logging.getLogger(__name__)
@@ -64,24 +66,6 @@ class WidthScores:
         return len(self.heads)
 
 
-WIDTH_CRITERIA = ("amp", "amp_act", "magnitude", "wanda_sp", "random", "reversed")
-"""Every name :func:`score_width` accepts."""
-
-_SINGLE = ("amp", "amp_act", "magnitude", "wanda_sp", "random")
-"""What ``reversed`` may negate."""
-
-_NEEDS: dict[str, tuple[str, ...]] = {
-    "amp": ("amp_heads", "amp_neurons"),
-    "amp_act": ("amp_heads", "amp_neurons"),
-    "wanda_sp": ("attn_in_sq", "o_in_sq", "mlp_in_sq", "down_in_sq"),
-}
-
-
-def _check_criterion(name: str, argument: str, allowed: Sequence[str]) -> None:
-    if name not in allowed:
-        raise ValueError(f"`{argument}` must be one of {list(allowed)}, got {name!r}")
-
-
 def _sums(stats: WidthStats, name: str) -> tuple[Tensor, ...]:
     """One statistic of ``stats``, raising when it was not collected."""
     value = getattr(stats, name)
@@ -94,12 +78,6 @@ def _views(model: nn.Module) -> tuple[list[AttentionView], list[MLPView]]:
     """Attention and MLP views of every block of ``model`` (unwrapped through PEFT / Lightning wrappers)."""
     adapter = adapter_for(model)
     return adapter.attentions(model), adapter.mlps(model)
-
-
-def _weight(linear: nn.Module) -> Tensor:
-    """The base weight of a Linear (a PEFT LoRA layer exposes its base layer's) as float32, detached."""
-    weight: Tensor = linear.weight  # type: ignore[assignment]
-    return weight.detach().float()
 
 
 def width_needs_for(criterion: str, *, reversed_of: str = "amp") -> set[str]:
@@ -119,11 +97,7 @@ def width_needs_for(criterion: str, *, reversed_of: str = "amp") -> set[str]:
         >>> sorted(width_needs_for("amp"))
         ['amp_heads', 'amp_neurons']
     """
-    _check_criterion(criterion, "criterion", WIDTH_CRITERIA)
-    if criterion == "reversed":
-        _check_criterion(reversed_of, "reversed_of", _SINGLE)
-        criterion = reversed_of
-    return set(_NEEDS.get(criterion, ()))
+    return registry.needs("width", criterion, {"reversed": reversed_of})
 
 
 def amp(stats: WidthStats, model: nn.Module | None = None) -> WidthScores:
@@ -156,7 +130,7 @@ def amp(stats: WidthStats, model: nn.Module | None = None) -> WidthScores:
         return WidthScores(head_scores, neuron_scores, "amp_act")
     attentions, mlps = _views(model)
     _check_widths(stats, attentions, mlps)
-    column_l1 = [_weight(m.down).abs().sum(0) for m in mlps]
+    column_l1 = [m.down.weight().abs().sum(0) for m in mlps]
     scaled = tuple(n * w.to(n.device) for n, w in zip(neuron_scores, column_l1, strict=True))
     return WidthScores(head_scores, scaled, "amp")
 
@@ -169,10 +143,11 @@ def amp_act(stats: WidthStats) -> WidthScores:
 def _magnitude_block(attn: AttentionView, mlp: MLPView) -> tuple[Tensor, Tensor]:
     """``(H,)`` and ``(I,)`` L2 norms of the weights each head and neuron owns."""
     H, dh = attn.num_heads, attn.head_dim
-    q, o = _weight(attn.q), _weight(attn.o)  # (H·d_h, d), (d, H·d_h)
-    heads = q.pow(2).view(H, -1).sum(1) + o.pow(2).view(o.size(0), H, dh).sum((0, 2))  # (H,)
-    gate, up, down = _weight(mlp.gate), _weight(mlp.up), _weight(mlp.down)  # (I, d), (I, d), (d, I)
-    neurons = gate.pow(2).sum(1) + up.pow(2).sum(1) + down.pow(2).sum(0)  # (I,)
+    q, o = attn.q.weight(), attn.o.weight()  # (H·d_h, d), (d, H·d_h)
+    heads = q.pow(2).reshape(H, -1).sum(1) + o.pow(2).reshape(o.size(0), H, dh).sum((0, 2))  # (H,)
+    up, down = mlp.up.weight(), mlp.down.weight()  # (I, d), (d, I)
+    rows = up.pow(2).sum(1) if mlp.gate is None else mlp.gate.weight().pow(2).sum(1) + up.pow(2).sum(1)
+    neurons = rows + down.pow(2).sum(0)  # (I,)
     return heads.sqrt(), neurons.sqrt()
 
 
@@ -228,15 +203,16 @@ def wanda_sp(model: nn.Module, stats: WidthStats) -> WidthScores:
     _check_widths(stats, attentions, mlps)
     heads, neurons = [], []
     for b, (attn, mlp) in enumerate(zip(attentions, mlps, strict=True)):
-        q, o = _weight(attn.q), _weight(attn.o)  # (H·d_h, d), (d, H·d_h)
+        q, o = attn.q.weight(), attn.o.weight()  # (H·d_h, d), (d, H·d_h)
         x_norm = attn_in[b].sqrt().to(q)  # (d,)
         z_norm = o_in[b].sqrt().to(o)  # (H·d_h,)
         per_column = q.abs() @ x_norm + o.abs().sum(0) * z_norm  # (H·d_h,): q row r and o column r of one head dim
         heads.append(per_column.view(attn.num_heads, attn.head_dim).sum(1))  # (H,)
-        gate, up, down = _weight(mlp.gate), _weight(mlp.up), _weight(mlp.down)  # (I, d), (I, d), (d, I)
-        m_norm = mlp_in[b].sqrt().to(gate)  # (d,)
+        up, down = mlp.up.weight(), mlp.down.weight()  # (I, d), (d, I)
+        m_norm = mlp_in[b].sqrt().to(up)  # (d,)
         a_norm = down_in[b].sqrt().to(down)  # (I,)
-        neurons.append(gate.abs() @ m_norm + up.abs() @ m_norm + down.abs().sum(0) * a_norm)  # (I,)
+        rows = up.abs() @ m_norm if mlp.gate is None else mlp.gate.weight().abs() @ m_norm + up.abs() @ m_norm
+        neurons.append(rows + down.abs().sum(0) * a_norm)  # (I,)
     return WidthScores(tuple(heads), tuple(neurons), "wanda_sp")
 
 
@@ -287,6 +263,58 @@ def reversed_scores(scores: WidthScores) -> WidthScores:
     return WidthScores(tuple(-h for h in scores.heads), tuple(-n for n in scores.neurons), "reversed")
 
 
+register_criterion(
+    "amp",
+    "width",
+    amp,
+    needs=("amp_heads", "amp_neurons"),
+    call=lambda i: amp(i.stats, i.model),
+    description="AMP: mean L1 norm of each head's / neuron's contribution to the block output",
+)
+register_criterion(
+    "amp_act",
+    "width",
+    amp_act,
+    needs=("amp_heads", "amp_neurons"),
+    call=lambda i: amp_act(i.stats),
+    description="AMP as in the paper's code: neurons by their mean |activation| only",
+)
+register_criterion(
+    "magnitude",
+    "width",
+    magnitude,
+    call=lambda i: magnitude(i.model),
+    description="L2 norm of the weights each head / neuron owns (no data)",
+)
+register_criterion(
+    "wanda_sp",
+    "width",
+    wanda_sp,
+    needs=("attn_in_sq", "o_in_sq", "mlp_in_sq", "down_in_sq"),
+    call=lambda i: wanda_sp(i.model, i.stats),
+    description="structured Wanda: |W|·‖x‖ summed over the weights a unit owns",
+)
+register_criterion(
+    "random",
+    "width",
+    random_scores,
+    call=lambda i: random_scores(i.model, i.seed),
+    description="seeded uniform random scores (control)",
+)
+register_criterion(
+    "reversed",
+    "width",
+    reversed_scores,
+    of=("amp",),
+    of_composites=True,
+    call=lambda i: reversed_scores(i.scores[i.of[0]]),
+    description="the opposite order of `reversed_of` (control)",
+)
+
+WIDTH_CRITERIA = registry.names("width")
+"""Every name :func:`score_width` accepts (read from the registry)."""
+
+
 def score_width(
     model: nn.Module,
     batches: Batches | None,
@@ -322,28 +350,16 @@ def score_width(
         ValueError: if ``criterion`` or ``reversed_of`` is unknown, the criterion needs data and ``batches`` is
             None, or the batches are invalid.
     """
-    needs = width_needs_for(criterion, reversed_of=reversed_of)
-    base = reversed_of if criterion == "reversed" else criterion
+    of = {"reversed": reversed_of}
+    needs = registry.needs("width", criterion, of)
     stats = None
     if needs:
         if batches is None:
+            base = reversed_of if criterion == "reversed" else criterion
             raise ValueError(f"Criterion {base!r} needs calibration `batches`, got None")
         stats = collect_width_statistics(model, batches, needs, max_batches, progress, device)
-    if base == "amp":
-        assert stats is not None
-        scores = amp(stats, model)
-    elif base == "amp_act":
-        assert stats is not None
-        scores = amp_act(stats)
-    elif base == "wanda_sp":
-        assert stats is not None
-        scores = wanda_sp(model, stats)
-    elif base == "magnitude":
-        scores = magnitude(model)
-    else:
-        scores = random_scores(model, seed)
-    if criterion == "reversed":
-        scores = reversed_scores(scores)
+    inputs = ScoreInputs(stats=stats, model=model, seed=seed)
+    scores: WidthScores = registry.compute("width", criterion, inputs, of)[criterion]
     log.debug(
         "Width scores (%s) of %d blocks: %d heads, %d neurons",
         criterion,

@@ -27,6 +27,19 @@ _STAGE_ROLES: dict[str | None, tuple[str, ...]] = {
 }
 
 
+def window_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id ``tokenizer`` puts before every text it encodes (Gemma, LLaMA-2), or None when it adds none.
+
+    Such models are trained with a BOS at position 0 and score much worse without one, so every window starts with
+    it (SmolLM2's tokenizer adds none: its windows are plain slices of the stream).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return int(bos) if len(ids) > 0 and ids[0] == bos else None
+
+
 class _WindowDataset(Dataset):
     """Rows of an ``(N, seq_len)`` tensor as ``{"input_ids": (seq_len,)}`` examples."""
 
@@ -46,7 +59,8 @@ class TextDataModule(TokenDataModule):
     Each source is a local ``.txt``/``.raw`` file (its whole content is one text), a ``.jsonl`` file (one JSON
     object per line, text under ``text_field``), a ``.parquet`` file (column ``text_field``), or a Hugging Face
     dataset name loaded with ``datasets.load_dataset(name, dataset_config, split=...)``. Records are joined with
-    blank lines (``"\n\n"``) before tokenizing without special tokens; the incomplete tail window is dropped.
+    blank lines (``"\n\n"``) before tokenizing without special tokens; the incomplete tail window is dropped. When
+    the tokenizer adds a BOS to what it encodes (Gemma), every window is that BOS and ``seq_len - 1`` stream tokens.
     Batches are ``{"input_ids": LongTensor(batch, seq_len)}`` with no padding: the tokens are their own labels.
 
     The token stream of each source (not its windows) is cached under ``cache_dir``. The cache key is the SHA-256
@@ -232,12 +246,17 @@ class TextDataModule(TokenDataModule):
 
     def _cut(self, role: str, source: TextSource, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
         tokens = self._stream(source, tokenizer)  # (T,) int32
-        n = tokens.numel() // self.seq_len
+        bos = window_bos(tokenizer)
+        body = self.seq_len - (bos is not None)  # a tokenizer that adds a BOS gets one at the start of each window
+        n = tokens.numel() // body if body > 0 else 0
         if n == 0:
             raise ValueError(
                 f"{source.describe()} has {tokens.numel()} tokens, but one window needs `seq_len`={self.seq_len}"
+                + (" (one of them the BOS the tokenizer adds)" if bos is not None else "")
             )
-        windows = tokens[: n * self.seq_len].view(n, self.seq_len).long()  # (N, seq_len)
+        windows = tokens[: n * body].view(n, body).long()  # (N, body)
+        if bos is not None:
+            windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)  # (N, seq_len)
         limit = self.max_train_windows if role == "train" else self.max_val_windows if role in ("val", "test") else None
         if limit is not None:
             windows = windows[:limit]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_prune.arch import adapter_for
+from lit_prune.arch import Projection, adapter_for
 from lit_prune.stats.hooks import Hooks
 
 
@@ -59,11 +59,12 @@ def skipping_block(model: nn.Module, index: int) -> Iterator[None]:
             setattr(decoder, "has_sliding_layers", sliding)
 
 
-def _mask(width: int, keep: Sequence[int], repeat: int, like: torch.Tensor) -> torch.Tensor:
-    """A ``(width * repeat,)`` 0/1 vector that keeps the units ``keep`` (each ``repeat`` wide)."""
-    mask = torch.zeros(width, dtype=like.dtype, device=like.device)
-    mask[list(keep)] = 1
-    return mask.repeat_interleave(repeat)
+def _columns_mask(proj: Projection, keep: Sequence[int]) -> torch.Tensor:
+    """A 0/1 vector over the input columns of ``proj``'s Linear that keeps the columns of the units ``keep``."""
+    weight = proj.linear.weight
+    mask = torch.zeros(int(proj.linear.in_features), dtype=weight.dtype, device=weight.device)
+    mask[proj.indices(keep).to(weight.device)] = 1
+    return mask
 
 
 def _input_mask_hook(mask: torch.Tensor) -> Any:
@@ -93,7 +94,7 @@ def register_width_masks(
     blocks = adapter.blocks(model)
     for b, keep in keep_heads.items():
         view = adapter.attention(blocks[b], head_dim)
-        hooks.forward_pre(view.o, _input_mask_hook(_mask(view.num_heads, keep, head_dim, view.o.weight)))
+        hooks.forward_pre(view.o.module, _input_mask_hook(_columns_mask(view.o, keep)))
     for b, keep in keep_neurons.items():
         mlp = adapter.mlp(blocks[b])
-        hooks.forward_pre(mlp.down, _input_mask_hook(_mask(mlp.intermediate_size, keep, 1, mlp.down.weight)))
+        hooks.forward_pre(mlp.down.module, _input_mask_hook(_columns_mask(mlp.down, keep)))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lit_prune.arch import adapter_for
 from lit_prune.functional.perplexity import labels_for, next_token_nll
 from lit_prune.stats._common import Batch, _as_inputs
 
@@ -50,8 +51,7 @@ class LossSums(Metric):
 def _forward(model: nn.Module, proxy: str, ids: Tensor, mask: Tensor | None) -> Tensor:
     """Logits (``ppl``/``kl``) or post-norm final hidden states (``cosine``) of ``model`` on a batch."""
     if proxy == "cosine":
-        decoder = getattr(model, "model", model)
-        return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return adapter_for(model).forward_decoder(model, ids, mask).last_hidden_state
     return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
 

@@ -4,7 +4,8 @@ One step (METHODS.md §3):
 
 * depth candidate: remove one block, the lowest under ``depth_criterion`` (any one-pass depth criterion, scored on
   the current model) or, with ``"position"``, the paper code's rule: the third-to-last block;
-* width candidate: AMP at a uniform per-block ratio that removes about as many parameters as one current block;
+* width candidate: heads and neurons at a uniform per-block ratio that removes about as many parameters as one
+  current block, the lowest under ``width_criterion`` (AMP by default; any registered width criterion);
 * both are scored by ``proxy`` on held-out calibration windows without copying the model (the depth candidate runs
   with the block skipped, the width candidate with the pruned heads and neurons masked: both exact), the better one
   is applied with real surgery, and the next step starts.
@@ -36,8 +37,10 @@ from torch import Tensor, nn
 
 from lit_prune.allocation import make_width_plan
 from lit_prune.arch import adapter_for, unwrap
-from lit_prune.criteria.depth import DEPTH_CRITERIA, GLOBAL_CRITERIA, needs_for, random_scores, scores_from_stats
-from lit_prune.criteria.width import WidthScores, amp, width_needs_for
+from lit_prune.criteria import registry
+from lit_prune.criteria.depth import needs_for, random_scores, scores_from_stats
+from lit_prune.criteria.registry import ScoreInputs
+from lit_prune.criteria.width import WidthScores, width_needs_for
 from lit_prune.eval._common import evaluating, model_device
 from lit_prune.mop.masking import register_width_masks, skipping_block
 from lit_prune.mop.proxy import PROXIES, LossSums, batch_loss, reference_outputs
@@ -53,8 +56,9 @@ log = logging.getLogger(__name__)
 DEPTH, WIDTH = "L", "G"
 """Branch letters of a decision string: ``L`` removes a layer (depth), ``G`` heads and neurons (width)."""
 
-MOP_DEPTH_CRITERIA = tuple(c for c in DEPTH_CRITERIA if c not in GLOBAL_CRITERIA) + ("position",)
-"""Depth criteria MoP scores from the statistics it collects anyway (plus the paper code's ``position``)."""
+MOP_DEPTH_CRITERIA = (*registry.names("depth", global_pass=False), "position")
+"""Depth criteria MoP scores from the statistics it collects anyway (the registered depth criteria that need no
+per-candidate pass, plus the paper code's ``position``)."""
 
 ProxyFn = Callable[[str, nn.Module], float]
 """A custom proxy: ``proxy(branch, masked_model) -> loss`` (lower wins), called inside the candidate's context.
@@ -81,10 +85,14 @@ class MoPStep:
 
 @dataclass
 class _Scores:
-    """Scores of the current model: one per block (depth) and per head / neuron (width)."""
+    """Scores of the current model: one per block (depth) and per head / neuron (width).
+
+    None where the criterion reads no statistics (``position`` / ``random`` depth, data-free width criteria such as
+    ``magnitude``): those are scored when the candidate is built.
+    """
 
     depth: Tensor | None
-    width: WidthScores
+    width: WidthScores | None
 
 
 class MoPSearch:
@@ -97,6 +105,10 @@ class MoPSearch:
             it is when the search starts.
         proxy: ``ppl``, ``kl``, ``cosine``, ``random``, or a callable ``proxy(branch, model) -> loss``.
         depth_criterion: one of :data:`MOP_DEPTH_CRITERIA`.
+        width_criterion: how the width candidate's heads and neurons are chosen: any registered width criterion
+            (``registry.names("width")``; ``reversed`` negates ``amp``). Those that read statistics (``amp``,
+            ``amp_act``, ``wanda_sp``) collect them during the candidate passes; the data-free ones
+            (``magnitude``, ``random``, seeded by ``seed`` and the step) score the current weights.
         gqa: GQA mode of the width candidate (``query`` or ``group``).
         round_to: MLP widths of the width candidate stay multiples of this.
         decisions: a decision string to replay (``L``/``G`` per step) instead of searching.
@@ -111,8 +123,9 @@ class MoPSearch:
             when a search is resumed on a model that is no longer dense. None computes them from ``model``.
 
     Raises:
-        ValueError: for an unknown proxy, criterion, or gqa mode, a target outside (0, 1), a decision string with
-            other letters, or no batches.
+        ValueError: for an unknown proxy, depth or width criterion, or gqa mode, a target outside (0, 1), a
+            decision string with other letters, no batches, or a width branch on a model whose heads cannot be
+            removed (nothing is modified then).
     """
 
     def __init__(
@@ -123,6 +136,7 @@ class MoPSearch:
         *,
         proxy: str | ProxyFn = "ppl",
         depth_criterion: str = "bi",
+        width_criterion: str = "amp",
         gqa: str = "query",
         round_to: int = 1,
         decisions: str | None = None,
@@ -136,12 +150,18 @@ class MoPSearch:
             raise ValueError(f"`proxy` must be one of {list(PROXIES)} or a callable, got {proxy!r}")
         if depth_criterion not in MOP_DEPTH_CRITERIA:
             raise ValueError(f"`depth_criterion` must be one of {list(MOP_DEPTH_CRITERIA)}, got {depth_criterion!r}")
+        registry.criterion("width", width_criterion, "width_criterion")
         if gqa not in ("query", "group"):
             raise ValueError(f"`gqa` must be one of ['query', 'group'], got {gqa!r}")
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) < 1.0:
             raise ValueError(f"`target` must be a fraction of all parameters in (0, 1), got {target!r}")
         if not branches or set(branches) - {DEPTH, WIDTH}:
             raise ValueError(f"`branches` must be 'LG', 'L' or 'G', got {branches!r}")
+        if WIDTH in branches:  # the width branch removes heads: a family quirk may refuse that (Phi qk_layernorm)
+            try:
+                adapter_for(model).check_head_pruning(model)
+            except ValueError as err:
+                raise ValueError(f"{err}; or run MoP with branches='L' (depth only)") from None
         if decisions is not None and set(decisions) - {DEPTH, WIDTH}:
             raise ValueError(
                 f"`decisions` must be a string of {DEPTH!r} (depth) and {WIDTH!r} (width), got {decisions!r}"
@@ -154,6 +174,7 @@ class MoPSearch:
         self.adapter = adapter_for(self.hf_model)
         self.proxy = proxy
         self.depth_criterion = depth_criterion
+        self.width_criterion = width_criterion
         self.gqa = gqa
         self.round_to = round_to
         self.decisions = decisions
@@ -329,20 +350,26 @@ class MoPSearch:
         return plan if removed <= self.remaining else None
 
     def _width_plan(self, scores: _Scores, depth_plan: PruningPlan | None) -> PruningPlan | None:
-        """AMP at a uniform ratio removing about one current block (exactly what is left on a last, partial step)."""
+        """The width candidate: ``width_criterion`` at a uniform ratio removing about one current block.
+
+        On a last, partial step it removes exactly what is left.
+        """
         if depth_plan is not None:  # the same size as the depth candidate
             amount = (depth_plan.params_before or 0) - (depth_plan.params_after or 0)
         else:
             amount = self.remaining
+        width = scores.width
+        if width is None:  # a data-free criterion: score the current weights
+            width = self._width_scores(None, self.hf_model, self.seed + len(self.trajectory))
         try:
             return make_width_plan(
                 self.hf_model,
-                scores.width,
+                width,
                 int(amount),
                 gqa=self.gqa,  # type: ignore[arg-type]  # validated in __init__
                 allocation="uniform",
                 round_to=self.round_to,
-                method="mop:width:amp",
+                method=f"mop:width:{self.width_criterion}",
             )
         except ValueError as err:
             log.debug("MoP: no width candidate this step (%s)", err)
@@ -382,11 +409,13 @@ class MoPSearch:
         with self._candidate(branch, plan) as hooks:
             needs = self._depth_needs()
             depth_metric = attach_depth_statistics(model, needs, hooks, current) if needs else None
-            width_metric = attach_width_statistics(model, width_needs_for("amp"), hooks, current)
+            width_needs = width_needs_for(self.width_criterion)
+            width_metric = attach_width_statistics(model, width_needs, hooks, current) if width_needs else None
             for metric in (depth_metric, width_metric, losses):
                 if metric is not None:
                     metric.to(device)
-            for i, item in enumerate(self.batches):
+            needed = (measure and named) or depth_metric is not None or width_metric is not None
+            for i, item in enumerate(self.batches if needed else ()):
                 ids, mask = _as_inputs(item)
                 current["attention_mask"] = None if mask is None else mask.to(device)
                 if measure and named:
@@ -397,7 +426,9 @@ class MoPSearch:
                     decoder(input_ids=ids.to(device), attention_mask=current["attention_mask"], use_cache=False)
             if measure and callable(self.proxy):
                 value = float(self.proxy(branch, model))
-            width_scores = amp(width_metric.compute(), model)  # inside: the down_proj norms of the candidate's blocks
+            width_scores = None  # inside: the weights of the candidate's blocks (e.g. AMP's down_proj norms)
+            if width_metric is not None:
+                width_scores = self._width_scores(width_metric.compute(), model, self.seed)
         if measure and named:
             value = float(losses.compute())
             if self.proxy == "ppl":
@@ -419,6 +450,12 @@ class MoPSearch:
         if self.depth_criterion in ("position", "random"):
             return set()
         return needs_for([self.depth_criterion])
+
+    def _width_scores(self, stats: Any, model: nn.Module, seed: int) -> WidthScores:
+        """``width_criterion``'s scores of ``model`` from reduced statistics (``stats`` None: a data-free one)."""
+        inputs = ScoreInputs(stats=stats, model=model, seed=seed)
+        scores: WidthScores = registry.compute("width", self.width_criterion, inputs)[self.width_criterion]
+        return scores
 
     def _fresh_scores(self) -> _Scores:
         """Score the current model from scratch (first step, or after the weights changed)."""
@@ -457,7 +494,7 @@ class _CandidateContext:
 
 def _carry(scores: _Scores, plan: PruningPlan) -> _Scores:
     """Scores collected on the masked/skipping model, re-indexed for the model after the plan is applied."""
-    if plan.drop_layers:  # the candidate pass already ran without the block: sizes match the pruned model
+    if plan.drop_layers or scores.width is None:  # sizes match the pruned model (the pass skipped the block)
         return scores
     heads = list(scores.width.heads)
     neurons = list(scores.width.neurons)

@@ -22,7 +22,8 @@ from lit_prune.arch import adapter_for, unwrap
 log = logging.getLogger(__name__)
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""The 7 projections of every LLaMA-family block (attention and MLP): the default LoRA targets."""
+"""The 7 projections of a LLaMA-family block. The default targets are the family's own
+(:meth:`~lit_prune.arch.ModelAdapter.lora_targets`): these for LLaMA, ``qkv_proj``/``gate_up_proj``/... for Phi-3."""
 
 RECORD_ATTR = "lit_prune_lora"
 """Attribute of an adapter-wrapped model holding ``{"spec": ..., "trainable_before": [...]}``."""
@@ -36,20 +37,22 @@ class LoRASpec:
         r: adapter rank.
         alpha: LoRA alpha; the update is scaled by ``alpha / r``.
         dropout: dropout on the adapter input during training.
-        target_modules: names of the Linear modules (last name component) that get adapters.
+        target_modules: names of the Linear modules (last name component) that get adapters; None = every
+            prunable projection of the model's family (:meth:`~lit_prune.arch.ModelAdapter.lora_targets`),
+            resolved by :meth:`for_model`.
         layers: block indices that get adapters (PEFT ``layers_to_transform``); None = all blocks.
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = LLAMA_TARGETS
+    target_modules: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = field(default=None)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (lists instead of tuples)."""
         data = asdict(self)
-        data["target_modules"] = list(self.target_modules)
+        data["target_modules"] = None if self.target_modules is None else list(self.target_modules)
         data["layers"] = None if self.layers is None else list(self.layers)
         return data
 
@@ -61,9 +64,22 @@ class LoRASpec:
             r=int(data["r"]),
             alpha=float(data["alpha"]),
             dropout=float(data["dropout"]),
-            target_modules=tuple(data["target_modules"]),
+            target_modules=None if data.get("target_modules") is None else tuple(data["target_modules"]),
             layers=None if layers is None else tuple(int(i) for i in layers),
         )
+
+    def for_model(self, model: nn.Module) -> LoRASpec:
+        """This spec with ``target_modules=None`` replaced by the family's default targets of ``model``."""
+        if self.target_modules is not None:
+            return self
+        targets = adapter_for(unwrap(model)).lora_targets()
+        return LoRASpec(self.r, self.alpha, self.dropout, targets, self.layers)
+
+    def targets(self) -> tuple[str, ...]:
+        """The resolved target names (call :meth:`for_model` first when they may be None)."""
+        if self.target_modules is None:
+            raise ValueError("LoRASpec.target_modules is None: resolve it with spec.for_model(model) first")
+        return self.target_modules
 
     def peft_config(self) -> Any:
         """The PEFT ``LoraConfig`` for this spec."""
@@ -73,14 +89,14 @@ class LoRASpec:
             r=self.r,
             lora_alpha=self.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float scale works
             lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
+            target_modules=list(self.targets()),
             layers_to_transform=None if self.layers is None else list(self.layers),
             bias="none",
             task_type="CAUSAL_LM",
         )
 
 
-def check_lora_args(r: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> None:
+def check_lora_args(r: int, alpha: float, dropout: float, target_modules: Sequence[str] | None) -> None:
     """Raise ``ValueError`` naming the bad value when a LoRA hyperparameter is out of range."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"`r` must be an int >= 1, got {r!r}")
@@ -88,8 +104,13 @@ def check_lora_args(r: int, alpha: float, dropout: float, target_modules: Sequen
         raise ValueError(f"`alpha` must be positive, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
+    if target_modules is None:
+        return
     if isinstance(target_modules, str) or not target_modules or not all(isinstance(t, str) for t in target_modules):
-        raise ValueError(f"`target_modules` must be a non-empty list of module names, got {target_modules!r}")
+        raise ValueError(
+            f"`target_modules` must be a non-empty list of module names, got {target_modules!r} "
+            "(or None: every prunable projection of the model's family)"
+        )
 
 
 def target_linears(model: nn.Module, target_modules: Sequence[str]) -> dict[int, dict[str, nn.Linear]]:
@@ -121,9 +142,10 @@ def check_spec(model: nn.Module, spec: LoRASpec) -> None:
     Checks that every target name exists as a Linear in the blocks and that ``layers`` are valid block indices.
     """
     hf_model = unwrap(model)
-    per_block = target_linears(hf_model, spec.target_modules)
+    spec = spec.for_model(hf_model)
+    per_block = target_linears(hf_model, spec.targets())
     present = {name.rsplit(".", 1)[-1] for linears in per_block.values() for name in linears}
-    missing = sorted(set(spec.target_modules) - present)
+    missing = sorted(set(spec.targets()) - present)
     if missing:
         available = sorted(
             {
@@ -146,7 +168,7 @@ def check_spec(model: nn.Module, spec: LoRASpec) -> None:
 
 def lora_param_count(model: nn.Module, spec: LoRASpec) -> int:
     """Trainable parameters LoRA with ``spec`` adds: ``r · (in + out)`` for each target Linear of each chosen block."""
-    per_block = target_linears(model, spec.target_modules)
+    per_block = target_linears(model, spec.for_model(model).targets())
     chosen = per_block if spec.layers is None else {b: per_block[b] for b in spec.layers}
     return sum(spec.r * (lin.in_features + lin.out_features) for linears in chosen.values() for lin in linears.values())
 
@@ -177,6 +199,7 @@ def attach_lora(model: PreTrainedModel, spec: LoRASpec) -> nn.Module:
 
     if is_lora(model):
         raise TypeError("The model already carries LoRA adapters; merge them (merge_lora) before attaching new ones")
+    spec = spec.for_model(model)
     check_spec(model, spec)
     trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
     wrapped = get_peft_model(model, spec.peft_config())

@@ -18,7 +18,6 @@ from lit_prune.report.collect import BlockHistory, HeadScores
 
 _DPI = 110
 _COLORS = {"before": "#c7c7c7", "after": "#1f77b4", "dropped": "#d62728", "missing": "#e8e8e8"}
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def have_matplotlib() -> bool:
@@ -212,13 +211,17 @@ def linear_sparsity(meta: dict[str, Any], num_blocks: int) -> tuple[list[str], l
     if not isinstance(layers, dict) or not layers:
         return None
     grid: dict[str, list[float]] = {}
+    first: dict[str, tuple[int, int]] = {}  # (block, rank inside the block) where a projection name first appears
+    ranks: dict[int, int] = {}
     for name, value in layers.items():
         parts = str(name).split(".")
         block = next((int(p) for p in parts if p.isdigit()), None)
         if block is None or block >= num_blocks:
             return None
         grid.setdefault(parts[-1], [math.nan] * num_blocks)[block] = float(value)
-    names = sorted(grid, key=lambda k: (_PROJECTIONS.index(k) if k in _PROJECTIONS else len(_PROJECTIONS), k))
+        rank = ranks[block] = ranks.get(block, -1) + 1
+        first[parts[-1]] = min(first.get(parts[-1], (block, rank)), (block, rank))
+    names = sorted(grid, key=first.__getitem__)  # the recorded (adapter) order inside a block, not name order
     return names, [grid[k] for k in names]
 
 

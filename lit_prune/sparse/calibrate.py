@@ -11,6 +11,7 @@ Protocols (the Wanda/SparseGPT reference code): :func:`one_shot_stats` hooks the
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +22,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lit_prune._validation import check_int
-from lit_prune.arch import adapter_for, model_config
+from lit_prune.arch import adapter_for
 from lit_prune.eval._common import evaluating
 from lit_prune.sparse.linear_stats import NEEDS, LinearStats, all_reduce_stats
 from lit_prune.sparse.masks import block_linears
-from lit_prune.stats._common import Batches, _as_inputs, _block_output, _check_names, _iterate
+from lit_prune.stats._common import Batches, _as_inputs, _check_names, _iterate, hooked_pass
 from lit_prune.stats.hooks import Hooks
+from lit_prune.stats.replay import BlockCalls, capture_until
 
 
 class _SharedInputs:
@@ -107,28 +109,17 @@ def one_shot_stats(
         ValueError: if ``needs`` or ``max_batches`` is invalid, a batch is malformed, or there is no batch.
     """
     chosen = _check_names("needs", needs, NEEDS)
-    check_int("max_batches", max_batches, allow_none=True)
-    items, total = _iterate(batches, max_batches)
-    current: dict[str, Tensor | None] = {"attention_mask": None}
-    seen = 0
-    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
+    shared = _SharedInputs()
+
+    def attach(hf_model: nn.Module, hooks: Hooks, current: dict[str, Tensor | None]) -> dict[str, LinearStats]:
         linears = {name: lin for block in block_linears(hf_model) for name, lin in block.items()}
-        shared = _SharedInputs()
-        stats = _attach(hooks, linears, chosen, current, shared)
-        decoder = adapter_for(hf_model).decoder(hf_model)
-        for item in tqdm(items, total=total, desc="Calibrating", disable=not progress, leave=False):
-            ids, mask = _as_inputs(item)
-            current["attention_mask"] = None if mask is None else mask.to(target)
-            decoder(input_ids=ids.to(target), attention_mask=current["attention_mask"], use_cache=False)
-            seen += 1
-        shared.finish()
-    if seen == 0:
-        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
+        return _attach(hooks, linears, chosen, current, shared)
+
+    stats: dict[str, LinearStats] = hooked_pass(
+        model, batches, attach, max_batches=max_batches, progress=progress, device=device, desc="Calibrating"
+    )
+    shared.finish()
     return dict(all_reduce_stats(stats)) if sync else stats
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the last block whose inputs are needed has been reached."""
 
 
 @dataclass
@@ -136,8 +127,7 @@ class _Inputs:
     """One calibration batch as the current block receives it."""
 
     hidden: Tensor  # (B, T, d): input of the current block
-    args: tuple[Any, ...]  # positional arguments after the hidden states (usually none)
-    kwargs: dict[int, dict[str, Any]]  # {source block: its keyword arguments (masks, rotary embeddings, ...)}
+    calls: BlockCalls  # what the decoder passed the blocks that are kwarg sources (masks, rotary embeddings, ...)
     attention_mask: Tensor | None  # (B, T) padding mask of the batch, for the statistics
 
 
@@ -147,7 +137,7 @@ def _kwarg_sources(model: nn.Module, num_blocks: int) -> list[int]:
     Blocks get the same kwargs from the model except under mixed ``config.layer_types`` (e.g. Qwen2/3 sliding and
     full attention), where each type gets its own attention mask: then the first block of each type is the source.
     """
-    layer_types = getattr(model_config(model), "layer_types", None)
+    layer_types = getattr(adapter_for(model).config(model), "layer_types", None)
     if not layer_types or len(set(layer_types[:num_blocks])) <= 1:
         return [0] * num_blocks
     if len(layer_types) < num_blocks:
@@ -156,44 +146,22 @@ def _kwarg_sources(model: nn.Module, num_blocks: int) -> list[int]:
     return [first.setdefault(kind, b) for b, kind in enumerate(layer_types[:num_blocks])]
 
 
-def _capture(
-    decoder: nn.Module, blocks: nn.ModuleList, sources: list[int], items: Iterable[Any], target: torch.device
-) -> list[_Inputs]:
-    """Run the decoder on each batch up to the last kwarg source block and keep block 0's inputs."""
-    needed, stop = sorted(set(sources)), max(sources)
+def _capture(hf_model: nn.Module, sources: list[int], items: Iterable[Any], target: torch.device) -> list[_Inputs]:
+    """Run the decoder on each batch up to the last kwarg source block; keep block 0's inputs and the sources' calls."""
+    adapter = adapter_for(hf_model)
+    decoder = adapter.decoder(hf_model)
     captured: list[_Inputs] = []
-    record: dict[str, Any] = {}
-
-    def pre_hook(b: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if b == 0:
-                record["hidden"] = args[0] if args else kwargs["hidden_states"]
-                record["args"] = args[1:]
-            record["kwargs"][b] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if b == stop:
-                raise _StopForward
-
-        return hook
-
-    with Hooks() as hooks:
-        for b in needed:
-            hooks.forward_pre(blocks[b], pre_hook(b))
-        for ids, mask in items:
-            record.clear()
-            record["kwargs"] = {}
-            mask = None if mask is None else mask.to(target)
-            try:
-                decoder(input_ids=ids.to(target), attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            else:
-                raise RuntimeError(f"The decoder never called block {stop}: cannot capture the block inputs")
-            captured.append(_Inputs(record["hidden"], record["args"], record["kwargs"], mask))
+    for ids, mask in items:
+        mask = None if mask is None else mask.to(target)
+        forward = functools.partial(adapter.forward_decoder, hf_model, ids.to(target), mask)
+        calls = capture_until(decoder, adapter.layers_attr, sources, forward)
+        assert calls.first_input is not None  # recorded at block 0
+        captured.append(_Inputs(calls.first_input, calls, mask))
     return captured
 
 
 def _run_block(block: nn.Module, inputs: _Inputs, source: int) -> Tensor:
-    return _block_output(block(inputs.hidden, *inputs.args, **inputs.kwargs[source]))
+    return inputs.calls.run(block, source, inputs.hidden)
 
 
 def _broadcast_block(block: nn.Module) -> None:
@@ -215,9 +183,10 @@ def sequential_prune(
 ) -> None:
     """Prune block by block, calibrating each block on the outputs of the already pruned blocks before it.
 
-    Lifecycle: a forward pre-hook on block 0 captures each batch's hidden states and the keyword arguments the model
-    passes its blocks (attention mask, rotary embeddings, position ids), then stops the forward. For each block
-    ``b``: run it on the captured inputs with pre-hooks on its 7 Linears collecting ``needs``, call
+    Lifecycle: :func:`~lit_prune.stats.replay.capture_until` records each batch's block-0 hidden states and the
+    keyword arguments the model passes its blocks (attention mask, rotary embeddings, position ids); the blocks after
+    the last one it needs do not run. For each block
+    ``b``: run it on the captured inputs with pre-hooks on its prunable Linears collecting ``needs``, call
     ``prune_block(b, stats)``, which changes the block's weights in place, then run the pruned block again to make
     block ``b + 1``'s inputs. Runs under ``torch.no_grad()`` in eval mode; modes are restored and every hook removed
     afterwards, also when ``prune_block`` raises.
@@ -247,7 +216,7 @@ def sequential_prune(
         adapter = adapter_for(hf_model)
         blocks = adapter.blocks(hf_model)
         sources = _kwarg_sources(hf_model, len(blocks))
-        captured = _capture(adapter.decoder(hf_model), blocks, sources, parsed, target)
+        captured = _capture(hf_model, sources, parsed, target)
         current: dict[str, Tensor | None] = {"attention_mask": None}
         per_block = block_linears(hf_model)
         for b in tqdm(range(len(blocks)), desc="Sequential pruning", disable=not progress, leave=False):

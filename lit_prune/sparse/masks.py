@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lit_prune.arch import _base_layer, adapter_for, unwrap
+from lit_prune.arch import adapter_for, base_layer, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,10 @@ MASK_BUFFER = "weight_mask"
 
 
 def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
-    """Per block, ``{name: Linear}`` of its 7 projections (q, k, v, o, gate, up, down), in that order.
+    """Per block, ``{name: Linear}`` of its prunable projections in the adapter's order (q, k, v, o, gate, up, down).
 
-    A projection wrapped by PEFT counts as the Linear it wraps (``base_layer``); its name is the wrapper's.
+    A fused projection (Phi-3's ``qkv_proj``) is one entry. A projection wrapped by PEFT counts as the Linear it wraps
+    (``base_layer``); its name is the wrapper's.
 
     Raises:
         UnsupportedModelError: if the model family has no adapter.
@@ -43,21 +44,11 @@ def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
     hf_model = unwrap(model)
     adapter = adapter_for(hf_model)
     names = {id(module): name for name, module in hf_model.named_modules()}
-    slots = (
-        (adapter.attention_attr, adapter.q_attr),
-        (adapter.attention_attr, adapter.k_attr),
-        (adapter.attention_attr, adapter.v_attr),
-        (adapter.attention_attr, adapter.o_attr),
-        (adapter.mlp_attr, adapter.gate_attr),
-        (adapter.mlp_attr, adapter.up_attr),
-        (adapter.mlp_attr, adapter.down_attr),
-    )
     per_block = []
     for block in adapter.blocks(hf_model):
         found: dict[str, nn.Linear] = {}
-        for parent_attr, attr in slots:
-            slot = getattr(getattr(block, parent_attr), attr)
-            linear = _base_layer(slot)
+        for slot in adapter.block_linears(block).values():
+            linear = base_layer(slot)
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"`{names[id(slot)]}` must be an nn.Linear to be pruned, got {type(linear).__name__}")
             found[names[id(slot)]] = linear
@@ -66,7 +57,7 @@ def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """``{name: Linear}`` of every block's 7 projections, ordered by block then position; never embeddings/LM head.
+    """``{name: Linear}`` of every block's prunable projections, by block then position; never embeddings or LM head.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM

@@ -31,8 +31,8 @@ from lit_prune.allocation.sparsity import (
     uniform,
 )
 from lit_prune.allocation.trim import trim
+from lit_prune.criteria import registry
 from lit_prune.criteria.sparse import (
-    SPARSE_CRITERIA,
     check_nm,
     hessian_from_sum,
     magnitude_scores,
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("sequential", "one_shot")
 SparseCriterion = Literal["magnitude", "wanda", "sparsegpt"]
+"""The registered sparse criteria (``registry.names("sparse")``; a test keeps the two equal)."""
 Allocation = Literal["uniform", "owl", "linear_map", "dsa"]
 
 
@@ -90,8 +91,7 @@ def check_sparse_options(
     Raises:
         ValueError: naming the bad option, its value and what is allowed.
     """
-    if criterion not in SPARSE_CRITERIA:
-        raise ValueError(f"`criterion` must be one of {list(SPARSE_CRITERIA)}, got {criterion!r}")
+    registry.criterion("sparse", criterion)
     if allocation not in SPARSITY_ALLOCATIONS:
         raise ValueError(f"`allocation` must be one of {list(SPARSITY_ALLOCATIONS)}, got {allocation!r}")
     if protocol not in PROTOCOLS:
@@ -111,7 +111,7 @@ def check_sparse_options(
 
 
 def _needs(criterion: str, trim_rows: bool) -> set[str]:
-    needs = {"wanda": {"input_sq"}, "sparsegpt": {"hessian"}, "magnitude": set()}[criterion]
+    needs = set(registry.criterion("sparse", criterion).needs)
     if trim_rows:
         needs |= {"input_sq", "last_token"} if criterion != "magnitude" else {"last_token"}
     return needs

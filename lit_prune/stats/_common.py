@@ -168,7 +168,8 @@ def hooked_pass(
 
     ``attach(hf_model, hooks, current)`` registers hooks through ``hooks`` and returns the metric they fill; the pass
     sets ``current["attention_mask"]`` before each batch. Runs under ``torch.no_grad()`` in eval mode; modes are
-    restored and hooks removed afterwards, also when the forward raises. Shared by the depth and width collectors.
+    restored and hooks removed afterwards, also when the forward raises. Shared by the depth and width collectors and
+    the one-shot sparsity calibration; the forward is :meth:`~lit_prune.arch.ModelAdapter.forward_decoder`.
 
     Returns:
         The filled metric (on the device the pass ran on).
@@ -187,13 +188,14 @@ def hooked_pass(
     seen = 0
     with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
         metric = attach(hf_model, hooks, current)
-        metric.to(target)
-        decoder = adapter_for(hf_model).decoder(hf_model)
+        if isinstance(metric, torch.nn.Module):  # a torchmetrics Metric; plain statistics live where their Linear is
+            metric.to(target)
+        adapter = adapter_for(hf_model)
         bar_off = not progress or getattr(rank_zero_only, "rank", 0) != 0  # under DDP one bar, on rank 0
         for item in tqdm(items, total=total, desc=desc, disable=bar_off, leave=False):
             ids, mask = _as_inputs(item)
             current["attention_mask"] = None if mask is None else mask.to(target)
-            decoder(input_ids=ids.to(target), attention_mask=current["attention_mask"], use_cache=False)
+            adapter.forward_decoder(hf_model, ids.to(target), current["attention_mask"])
             seen += 1
     if seen == 0:
         raise ValueError("`batches` is empty: no calibration batch to collect statistics from")

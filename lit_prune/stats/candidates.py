@@ -8,7 +8,7 @@ starts from its block's cached input. Sums are float64 and reduced with ``dist_r
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,13 +25,13 @@ from lit_prune.stats._common import (
     _F64,
     Batches,
     _as_inputs,
-    _block_output,
     _check_names,
     _iterate,
     _last_tokens,
     _ReadOnly,
 )
 from lit_prune.stats.hooks import Hooks
+from lit_prune.stats.replay import BlockCalls
 
 log = logging.getLogger(__name__)
 
@@ -222,38 +222,6 @@ def _kl_sum(reference_logp: Tensor, reference_p: Tensor, logits: Tensor, attenti
     return kl.sum(dtype=_F64)
 
 
-class _Capture:
-    """Forward pre-hooks that record what the decoder passes to each block during one reference forward."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.active = False
-        self.first_input: Tensor | None = None
-        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * num_blocks
-
-    def hook(self, index: int) -> Callable[..., None]:
-        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if not self.active:
-                return
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            if index == 0:
-                self.first_input = hidden
-            for key, value in (("use_cache", False), ("past_key_values", None), ("cache", None)):
-                if key in kwargs:
-                    kwargs[key] = value
-            self.calls[index] = (tuple(args[1:]), kwargs)
-
-        return pre_hook
-
-    def run(self, block: nn.Module, index: int, hidden: Tensor) -> Tensor:
-        """Block ``index`` on ``hidden`` with the extra arguments recorded for it (causal mask, rotary, ...)."""
-        call = self.calls[index]
-        if call is None:
-            raise RuntimeError(f"Block {index} was not called during the reference forward; cannot replay it")
-        args, kwargs = call
-        return _block_output(block(hidden, *args, **kwargs))
-
-
 def collect_global_statistics(
     model: nn.Module,
     batches: Batches,
@@ -299,20 +267,19 @@ def collect_global_statistics(
     if "kl" in metric.metrics and head is None:
         raise ValueError(f"metric 'kl' needs an LM head, but {type(model).__name__} has none")
     items, total = _iterate(batches, max_batches)
-    capture = _Capture(L)
+    capture = BlockCalls(blocks)
     seen = 0
     with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
         metric.to(target)
-        decoder, norm = adapter.decoder(hf_model), adapter.final_norm(hf_model)
-        for index, block in enumerate(blocks):
-            hooks.forward_pre(block, capture.hook(index))
+        norm = adapter.final_norm(hf_model)
+        capture.attach(hooks)
         bar_off = not progress or getattr(rank_zero_only, "rank", 0) != 0  # under DDP one bar, on rank 0
         for item in tqdm(items, total=total, desc="global statistics", disable=bar_off, leave=False):
             ids, mask = _as_inputs(item)
             ids, mask = ids.to(target), None if mask is None else mask.to(target)
             capture.active = True
             try:
-                reference = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B,T,d)
+                reference = adapter.forward_decoder(hf_model, ids, mask).last_hidden_state  # (B, T, d)
             finally:
                 capture.active = False
             ref_logp = ref_p = None
@@ -344,8 +311,7 @@ def collect_global_statistics(
                 candidate_last=torch.stack(last_rows) if last_rows else None,
             )
             seen += 1
-        capture.calls = [None] * L
-        capture.first_input = None
+        capture.clear()
     if seen == 0:
         raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
     log.debug("Global statistics %s over %d batches for %d candidate blocks", sorted(metric.metrics), seen, L)

@@ -354,12 +354,6 @@ def attach_width_statistics(
     adapter = adapter_for(model)
     attentions, mlps = adapter.attentions(model), adapter.mlps(model)
     head_dim = adapter.head_dim(model)
-    for b, view in enumerate(attentions):
-        if view.o.in_features != view.num_heads * head_dim:
-            raise ValueError(
-                f"Block {b}: o_proj takes {view.o.in_features} inputs but q_proj has {view.num_heads} heads of "
-                f"head_dim={head_dim} ({view.num_heads * head_dim})"
-            )
     metric = WidthStatistics(
         [view.num_heads for view in attentions],
         [view.intermediate_size for view in mlps],
@@ -370,13 +364,14 @@ def attach_width_statistics(
 
     def site_hook(block: int, site: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            o_weight = getattr(module, "weight", None) if site == "o_in" else None  # a PEFT layer: its base weight
+            o_weight = attentions[block].o.weight() if site == "o_in" else None  # a PEFT layer: its base weight
             metric.update(block, site, _first_input(args, kwargs), current["attention_mask"], o_weight)
 
         return hook
 
     for b, (attn, mlp) in enumerate(zip(attentions, mlps, strict=True)):
-        modules = {"attn_in": attn.q, "o_in": attn.o, "mlp_in": mlp.gate, "down_in": mlp.down}
+        mlp_in = mlp.gate if mlp.gate is not None else mlp.up  # gate and up read the same input
+        modules = {"attn_in": attn.q.module, "o_in": attn.o.module, "mlp_in": mlp_in.module, "down_in": mlp.down.module}
         for site in metric.sites:
             hooks.forward_pre(modules[site], site_hook(b, site))
     return metric

@@ -53,6 +53,31 @@ def no_tokenizing(*args, **kwargs):
     raise AssertionError("tokenized again instead of reading the cache")
 
 
+def with_bos(tokenizer):
+    """A copy of ``tokenizer`` that puts ``<s>`` before every text it encodes (as Gemma's and LLaMA-2's do)."""
+    from tokenizers.processors import TemplateProcessing
+
+    other = copy.deepcopy(tokenizer)
+    bos = other.bos_token_id
+    other.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert other("quick")["input_ids"][0] == bos  # the copy does add it
+    return other
+
+
+def test_a_tokenizer_that_adds_a_bos_gets_one_per_window(tmp_path, tiny_tokenizer, text_file):
+    from lit_prune.datamodules.text import window_bos
+
+    assert window_bos(tiny_tokenizer) is None  # adds none: windows stay plain slices of the stream
+    tok = with_bos(tiny_tokenizer)
+    assert window_bos(tok) == tok.bos_token_id
+    dm = make_dm(tmp_path, tok, path=str(text_file), shuffle=False)
+    windows = dm.windows("train")
+    body = cut(stream(tok, text_file.read_text()), SEQ - 1)  # the stream itself has no BOS
+    assert windows.shape == (body.shape[0], SEQ)
+    assert (windows[:, 0] == tok.bos_token_id).all()
+    assert torch.equal(windows[:, 1:], body)
+
+
 def test_txt_windows_are_the_stream_cut_in_chunks(tmp_path, tiny_tokenizer, text_file):
     dm = make_dm(tmp_path, tiny_tokenizer, path=str(text_file), shuffle=False, batch_size=3)
     dm.setup("fit")
