@@ -158,8 +158,9 @@ class MoPSearch:
         if not branches or set(branches) - {DEPTH, WIDTH}:
             raise ValueError(f"`branches` must be 'LG', 'L' or 'G', got {branches!r}")
         if WIDTH in branches:  # the width branch removes heads: a family quirk may refuse that (Phi qk_layernorm)
+            adapter = adapter_for(model)  # an unsupported family raises UnsupportedModelError here, unchanged
             try:
-                adapter_for(model).check_head_pruning(model)
+                adapter.check_head_pruning(model)
             except ValueError as err:
                 raise ValueError(f"{err}; or run MoP with branches='L' (depth only)") from None
         if decisions is not None and set(decisions) - {DEPTH, WIDTH}:
