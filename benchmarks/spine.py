@@ -21,10 +21,11 @@ SmolLM2 (default): float32 ``builtin:smollm2-135m-instruct``; depth (k = 6), wid
 are calibrated on ``--calib-windows`` (default 8) windows of the CPU protocol's ``seq_len`` (256) from
 wiki.valid.raw drawn with the protocol's seed 0, in batches of 4; MoP 25% runs ``MoPSearch`` with the ``ppl`` proxy
 (the cheapest measured proxy; every other option at its default) on ``--holdout-windows`` (default 8) windows of
-wiki.valid.raw drawn with seed 1, exactly as ``lit-prune demo`` does (the path it records in RESULTS.md). About
-10 minutes on 2 cores, of which the global depth pass and MoP are half. ``--tiny``: the seeded tiny random LLaMA of
-``tests/conftest.py`` (8 blocks, GQA, head_dim != hidden / heads) with seeded random token batches, the items that
-``tests/test_spine_pins.py`` pins (``tests/data/spine_pins.json``).
+wiki.valid.raw drawn with seed 1, exactly as ``lit-prune demo`` does (the path it records in RESULTS.md).
+Measured on 2 shared cores from commit 7d15382: 11.3 min with light load from other jobs, 27 min with two other
+SmolLM2 jobs on the same cores (the global depth pass and MoP take most of it; ``--no-global`` drops the former).
+``--tiny``: the seeded tiny random LLaMA of ``tests/conftest.py`` (8 blocks, GQA, head_dim != hidden / heads) with
+seeded random token batches, the items that ``tests/test_spine_pins.py`` pins (``tests/data/spine_pins.json``).
 
     .venv/bin/python benchmarks/spine.py [--tiny] [--out FILE] [--compare FILE] [--no-global]
     .venv/bin/python benchmarks/spine.py --compare benchmarks/spine_baseline.json   # after a refactor
