@@ -76,7 +76,9 @@ def _first(name: str, *modules: str) -> Any:
 
 
 score_blocks = _first("score_blocks", "lit_prune.criteria.depth", "lit_prune.criteria")
-make_depth_plan = _first("make_depth_plan", "lit_prune.surgery", "lit_prune.plan", "lit_prune.depth", "lit_prune")
+make_depth_plan = _first(
+    "make_depth_plan", "lit_prune.allocation", "lit_prune.surgery", "lit_prune.plan", "lit_prune.depth", "lit_prune"
+)
 score_width = _first("score_width", "lit_prune.criteria.width", "lit_prune.criteria")
 make_width_plan = _first("make_width_plan", "lit_prune.allocation", "lit_prune.allocation.structured")
 MoPSearch = _first("MoPSearch", "lit_prune.mop", "lit_prune.mop.search")

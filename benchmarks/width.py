@@ -37,8 +37,10 @@ from lit_prune.criteria.width import score_width  # noqa: E402
 from lit_prune.datamodules import TextDataModule  # noqa: E402
 from lit_prune.eval import latency, perplexity  # noqa: E402
 from lit_prune.loading import load_model, load_tokenizer  # noqa: E402
-from lit_prune.shapes import block_shapes  # noqa: E402
-from lit_prune.surgery import apply_plan  # noqa: E402
+from lit_prune.surgery import (
+    apply_plan,  # noqa: E402
+    block_shapes,  # noqa: E402
+)
 
 # (label, criterion, gqa, allocation)
 METHODS: list[tuple[str, str, str, str]] = [

@@ -41,8 +41,8 @@ from lit_prune.module import CausalLMModule
 from lit_prune.plan import PLANS_FILE, PruningPlan, read_plans
 from lit_prune.presets import resolve_data_uri
 from lit_prune.report import write_report
-from lit_prune.shapes import loads_without_lit_prune
 from lit_prune.sparse.report import sparsity_report
+from lit_prune.surgery import apply_plan, loads_without_lit_prune
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ _DESCRIPTION = (
 )
 _PRUNE_DESCRIPTION = (
     "Prune without training: run the config's pruning callbacks (trainer.callbacks) once on its model and "
-    "calibration data, or replay saved plans (--plan FILE), and save the model with save_pretrained into --output "
-    "(plus pruning_plans.json and report.md). Example: lit-prune prune --config configs/depth.yaml --output DIR"
+    "calibration data, or replay saved plans (--plan FILE; a sparsity plan re-computes its masks on the config's "
+    "calibration data, which must be the data it was made on), and save the model with save_pretrained into "
+    "--output (plus pruning_plans.json and report.md). Example: lit-prune prune --config configs/depth.yaml "
+    "--output DIR"
 )
 _DATA_PATH_KEYS = ("path", "val_path", "test_path", "calibration_path")
 
@@ -175,7 +177,11 @@ class PruneCLI(LitPruneCLI):
             type=str | None,
             default=None,
             help="Replay saved plans instead of scoring: a plan JSON, a pruning_plans.json list, or a saved model "
-            "folder holding pruning_plans.json. The config's pruning callbacks are then skipped.",
+            "folder holding pruning_plans.json, applied in order to the config's model. The config's pruning "
+            "callbacks are then skipped. A sparsity plan re-computes its masks with its recorded method on the "
+            "config's calibration data (data.calibration_dataloader()), which must be the calibration it was made "
+            "on (same data, calibration_windows, calibration_seed, seq_len, batch_size): other data is refused "
+            "before the model changes, and masks that come out different are an error.",
         )
 
     @override
@@ -243,21 +249,22 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def replayable_plans(path: str) -> list[PruningPlan]:
-    """The plans of ``--plan PATH`` (:func:`~lit_prune.plan.read_plans`), refusing sparsity plans.
+    """The plans of ``--plan PATH`` (:func:`~lit_prune.plan.read_plans`), refusing sparsity plans without a record.
 
     Raises:
-        CLIError: if the file cannot be read as plans, or holds a sparsity plan (it records how much of each
-            block was zeroed, not which weights: there is nothing to replay).
+        CLIError: if the file cannot be read as plans, or holds a sparsity plan of format version 2 (it records how
+            much of each block was zeroed, not how: there is nothing to replay).
     """
     try:
         plans = read_plans(path)
     except (MisconfigurationException, ValueError, FileNotFoundError, TypeError) as err:
         raise CLIError(f"--plan: {err}") from None
     for i, plan in enumerate(plans):
-        if plan.method.startswith("sparsity"):
+        if plan.method.startswith("sparsity") and plan.sparsity is None:
             raise CLIError(
-                f"--plan: plan [{i}] ({plan.method}) is a sparsity plan: it records how much of each block was "
-                "zeroed, not which weights, so it cannot be replayed; run its SparsityPruning config instead"
+                f"--plan: plan [{i}] ({plan.method}) is a sparsity plan without a `sparsity` record (written by an "
+                "older lit-prune, plan format version 2): it records how much of each block was zeroed, not how, so "
+                "it cannot be replayed; run its SparsityPruning config instead"
             )
     return plans
 
@@ -340,7 +347,7 @@ def run_prune(args: list[str]) -> list[PruningPlan]:
         module: CausalLMModule = cli.model
         before = _total_params(module.model)
         if cli.plans is not None:
-            plans = _replay(module, cli.plans, cli.config["plan"])
+            plans = _replay(module, cli.plans, cli.config["plan"], cli.datamodule, cli.trainer.strategy.root_device)
         else:
             plans = _score_and_prune(module, cli.datamodule, callbacks, cli.trainer.strategy.root_device)
         output = Path(cli.config["output"])
@@ -353,15 +360,42 @@ def run_prune(args: list[str]) -> list[PruningPlan]:
     return plans
 
 
-def _replay(module: CausalLMModule, plans: list[PruningPlan], source: str) -> list[PruningPlan]:
-    """Apply saved plans in order; a plan that does not fit the model is a one-line error."""
+def _replay(
+    module: CausalLMModule, plans: list[PruningPlan], source: str, data: Any, device: torch.device
+) -> list[PruningPlan]:
+    """Apply saved plans in order; a plan that does not fit the model (or its calibration) is a one-line error.
+
+    A sparsity plan re-computes its masks on ``data.calibration_dataloader()`` (what the pruning callbacks read) through
+    :func:`lit_prune.surgery.apply_plan`; like :class:`~lit_prune.callbacks.SparsityPruning`, it leaves the module's
+    structural plan list (``module.pruning_plans``, replayed from checkpoints) alone: the masks are buffers.
+    """
     log.info("Replaying %d plan(s) from %s", len(plans), source)
+    if any(plan.changes_sparsity for plan in plans):
+        if isinstance(data, TokenDataModule) and data.tokenizer is None:
+            data.tokenizer = module.tokenizer
+        module.to(device)
     for i, plan in enumerate(plans):
         try:
-            module.apply_plan(plan)
+            if plan.changes_sparsity:
+                apply_plan(module.model, plan, calibration=_replay_calibration(data, i, plan))
+            else:
+                module.apply_plan(plan)
         except (ValueError, TypeError) as err:
-            raise CLIError(f"--plan: plan [{i}] ({plan.method}) does not fit the model: {err}") from None
+            what = "cannot be replayed" if plan.changes_sparsity else "does not fit the model"
+            raise CLIError(f"--plan: plan [{i}] ({plan.method}) {what}: {err}") from None
     return plans
+
+
+def _replay_calibration(data: Any, index: int, plan: PruningPlan) -> Any:
+    """The calibration batches a sparsity plan replays on: the datamodule's ``calibration_dataloader()``."""
+    factory = getattr(data, "calibration_dataloader", None)
+    if factory is None:
+        raise CLIError(
+            f"--plan: plan [{index}] ({plan.method}) re-computes its masks on calibration data, but the config's "
+            f"datamodule ({type(data).__name__}) has no calibration_dataloader(); use the data section of the config "
+            "the plan was made with"
+        )
+    return factory()
 
 
 def _score_and_prune(

@@ -4,7 +4,7 @@
   :func:`save_pretrained` writes a plain checkpoint that ``AutoModelForCausalLM.from_pretrained`` (and every tool
   built on it) loads.
 * Non-uniform widths (global allocation): ``config.json`` also holds the per-block widths
-  (:data:`lit_prune.shapes.LAYER_SHAPES_KEY`) and the weights keep their real, smaller shapes. Load it with
+  (:data:`lit_prune.surgery.LAYER_SHAPES_KEY`) and the weights keep their real, smaller shapes. Load it with
   :func:`load_pretrained`, which builds each block at its recorded width before the weights go in. Its
   ``model_type`` is rewritten to a name no transformers class has, which says to use :func:`load_pretrained`
   (the real one is kept under :data:`MODEL_TYPE_KEY`), so plain ``from_pretrained``, ``AutoConfig`` and tools built
@@ -26,9 +26,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lit_prune.arch import ModelAdapter, adapter_for_type, unwrap
-from lit_prune.loading import HUB_KWARGS, auto_from_pretrained, check_reference, hub_access
+from lit_prune.hub import HUB_KWARGS, auto_from_pretrained, check_reference, hub_access
 from lit_prune.plan import PruningPlan
-from lit_prune.shapes import (
+from lit_prune.sparse.masks import attach_masks, fold_masks
+from lit_prune.surgery import (
     LAYER_SHAPES_KEY,
     BlockShape,
     loads_without_lit_prune,
@@ -36,7 +37,6 @@ from lit_prune.shapes import (
     shapes_from_config,
     sync_config,
 )
-from lit_prune.sparse.masks import attach_masks, fold_masks
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
 
     Raises:
         FileNotFoundError: if ``path`` is a local path that does not exist, or a hub id while the hub cannot be used
-            and the files are not cached (see :func:`lit_prune.loading.hub_access`).
+            and the files are not cached (see :func:`lit_prune.hub.hub_access`).
         ValueError: if the per-block record is malformed, does not match the config's depth, or (for a local
             folder) disagrees with the tensor shapes in the safetensors files; the message names the block, the
             tensor, the recorded and the stored shape.
@@ -130,7 +130,7 @@ def load_pretrained(path: str | Path, **kwargs: Any) -> PreTrainedModel:
     Example:
         >>> import tempfile
         >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from lit_prune.width_surgery import prune_neurons
+        >>> from lit_prune.surgery import prune_neurons
         >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
         >>> _ = prune_neurons(model, 0, range(8))      # block 0 narrower than block 1: non-uniform
@@ -213,7 +213,7 @@ def check_record_against_weights(folder: str | Path, config: Any, shapes: list[B
     Args:
         folder: the checkpoint folder.
         config: its config (with the record).
-        shapes: the record, as :func:`~lit_prune.shapes.shapes_from_config` read it.
+        shapes: the record, as :func:`~lit_prune.surgery.shapes_from_config` read it.
 
     Raises:
         ValueError: naming the first block whose record disagrees with a tensor (its name, the recorded and the

@@ -7,6 +7,11 @@ widths) so a plan is never applied to a model of another shape.
 
 A plan says what survives in two ways, applied in this order: ``keep_heads`` / ``keep_neurons`` (width: the query
 heads and MLP neurons each listed block keeps; unlisted blocks keep everything) and then ``drop_layers`` (depth).
+A sparsity plan (``sparsity``, format version 3) instead records how its masks were made: the whole
+:class:`~lit_prune.sparse.config.SparsityConfig` as plain data, the calibration it ran on (a digest of its tokens), the
+sparsity each Linear reached and a digest of the masks; replaying it re-computes the masks from that record on the same
+calibration and checks they are the recorded ones (:func:`lit_prune.surgery.apply_plan`). It changes no shape, so it
+neither drops blocks nor changes widths.
 
 Format rules (:meth:`PruningPlan.from_dict`, and so :meth:`PruningPlan.from_json` and :func:`read_plans`): a plan is a
 JSON object with a ``"version"`` (:data:`PLAN_FORMAT_VERSION` when written by this lit-prune) and the fields of that
@@ -16,12 +21,14 @@ version. A record that could build a different model than the one it describes i
 - an **unknown key** is refused, naming it (and the closest field name when it looks like a typo);
 - a **missing structural field** is refused, naming it: ``drop_layers`` and ``num_layers`` (not null) in every plan,
   and from version 2 ``keep_heads``, ``keep_neurons``, ``heads_before`` and ``neurons_before`` (null when unused;
-  every lit-prune of that version writes them), and ``heads_before`` / ``neurons_before`` whenever ``keep_heads`` /
-  ``keep_neurons`` are given;
+  every lit-prune of that version writes them), from version 3 ``sparsity`` (null except in sparsity plans), and
+  ``heads_before`` / ``neurons_before`` whenever ``keep_heads`` / ``keep_neurons`` are given;
 - **older versions** load with the later fields at their defaults (a version 1 plan is a depth plan: no width
-  fields); descriptive fields (``method``, the parameter counts, ``scores``, ``meta``) default when absent;
+  fields; a version 2 sparsity plan has no ``sparsity`` record, only per-block sparsity in its ``meta``, so it loads
+  but cannot be replayed); descriptive fields (``method``, the parameter counts, ``scores``, ``meta``) default when
+  absent;
 - a plan with no ``"version"`` is taken as hand-written for the current version (the same rules, except that the
-  version 2 width fields may be left out).
+  version 2 and 3 fields may be left out).
 
 Plan files are read by :func:`read_plans`: one plan object (:meth:`PruningPlan.to_json`), a list of them
 (``pruning_plans.json``, written by :func:`lit_prune.io.save_pretrained`), or a folder holding ``pruning_plans.json``.
@@ -34,16 +41,17 @@ import difflib
 import json
 import logging
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-PLAN_FORMAT_VERSION = 2
+PLAN_FORMAT_VERSION = 3
 """Written to every plan's JSON as ``"version"``; bumped when a field is added that changes what a plan does or the
-meaning of an existing field changes (2: ``keep_heads`` / ``keep_neurons``, width pruning)."""
+meaning of an existing field changes (2: ``keep_heads`` / ``keep_neurons``, width pruning; 3: ``sparsity``, replayable
+sparsity plans)."""
 
 _FIELDS_ADDED: dict[int, tuple[str, ...]] = {
     1: (
@@ -58,15 +66,55 @@ _FIELDS_ADDED: dict[int, tuple[str, ...]] = {
         "meta",
     ),
     2: ("keep_heads", "keep_neurons", "heads_before", "neurons_before"),
+    3: ("sparsity",),
 }
 """The fields each format version added (every lit-prune of a version writes all fields up to it)."""
 
 _STRUCTURAL_ADDED: dict[int, tuple[str, ...]] = {
     1: ("drop_layers", "num_layers"),
     2: ("keep_heads", "keep_neurons", "heads_before", "neurons_before"),
+    3: ("sparsity",),
 }
 """The fields each version added that say what a plan does or which model it fits: required in a record of that
-version or later (the width ones may be null)."""
+version or later (the width ones and ``sparsity`` may be null)."""
+
+SPARSITY_CONFIG_FIELDS: tuple[str, ...] = (
+    "criterion",
+    "sparsity",
+    "n_m",
+    "allocation",
+    "protocol",
+    "trim_rows",
+    "owl_m",
+    "lam",
+    "eps",
+    "layer_scores",
+    "dsa_function",
+    "blocksize",
+    "percdamp",
+)
+"""The keys of a sparsity plan's ``sparsity["config"]``: every :class:`~lit_prune.sparse.config.SparsityConfig` field
+(a test keeps the two equal; a new config field needs a new plan format version, so an older plan keeps its meaning).
+The values are checked by ``SparsityConfig`` when the plan is applied, before the model changes."""
+
+SPARSITY_KEYS: dict[str, bool] = {
+    "config": True,
+    "linears": True,
+    "max_batches": False,
+    "calibration": False,
+    "masks_sha256": False,
+    "masks_before_sha256": False,
+}
+"""The keys of a sparsity plan's ``sparsity`` record, and whether each is required: ``config`` (the
+``SparsityConfig`` as plain data), ``linears`` (``{linear name: fraction of its weights zeroed}``, as reached),
+``max_batches`` (the calibration batches used, None for all), ``calibration`` (:data:`CALIBRATION_KEYS`: a digest of
+the calibration tokens, None when none were used), ``masks_sha256`` (a digest of the keep masks) and
+``masks_before_sha256`` (of the masks the model already carried, None when it carried none: a replay must start from
+the same ones)."""
+
+CALIBRATION_KEYS: tuple[str, ...] = ("batches", "sequences", "tokens", "sha256")
+"""The keys of ``sparsity["calibration"]``: how many batches, sequences and tokens were read, and the SHA-256 of their
+``input_ids`` (and ``attention_mask``), so a replay on other calibration data is refused before anything changes."""
 
 _WIDTHS_FOR = {"keep_heads": "heads_before", "keep_neurons": "neurons_before"}
 
@@ -83,6 +131,108 @@ def _as_index(value: object) -> int | None:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def _checked_indices(indices: Iterable[int], num_blocks: int, name: str = "indices") -> list[int]:
+    """Block indices as a list of ints, each in ``[0, num_blocks)`` and unique; ``ValueError`` names the bad ones."""
+    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+        raise ValueError(f"`{name}` must be an iterable of block indices, got {indices!r}")
+    values = list(indices)
+    as_ints = [_as_index(v) for v in values]
+    not_ints = [v for v, i in zip(values, as_ints) if i is None]
+    if not_ints:
+        raise ValueError(f"`{name}` must hold integer block indices, got {not_ints!r} in {values!r}")
+    ints = [i for i in as_ints if i is not None]
+    out_of_range = [i for i in ints if not 0 <= i < num_blocks]
+    if out_of_range:
+        raise ValueError(
+            f"`{name}` must be in [0, {num_blocks}) (the model has {num_blocks} blocks; negative indices are not "
+            f"accepted), got {out_of_range}"
+        )
+    duplicates = sorted({i for i in ints if ints.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"`{name}` must not repeat a block, got {duplicates} more than once in {ints}")
+    return ints
+
+
+def _checked_keys(where: str, record: Mapping[str, Any], allowed: Iterable[str], required: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming the unknown or missing keys of ``record`` and the allowed ones."""
+    names = list(allowed)
+    unknown = sorted(str(k) for k in record if k not in names)
+    if unknown:
+        close = [difflib.get_close_matches(k, names, n=1, cutoff=0.6) for k in unknown]
+        hints = [f"`{k}`: did you mean `{c[0]}`?" for k, c in zip(unknown, close) if c]
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise ValueError(f"`{where}` has unknown key(s) {unknown}{hint}; the allowed keys are {names}")
+    missing = [k for k in required if k not in record]
+    if missing:
+        raise ValueError(f"`{where}` lacks the required key(s) {missing}; a complete record has {names}")
+
+
+def _checked_sparsity(record: object) -> dict[str, Any] | None:
+    """A sparsity record as plain JSON data (lists, not tuples), or ``ValueError`` / ``TypeError`` naming the problem.
+
+    Checks the keys of the record (:data:`SPARSITY_KEYS`), of its ``config`` (:data:`SPARSITY_CONFIG_FIELDS`, all
+    required) and of its ``calibration`` (:data:`CALIBRATION_KEYS`), and every value's type and range; the config's
+    values themselves are checked by ``SparsityConfig`` when the plan is applied.
+    """
+    if record is None:
+        return None
+    if not isinstance(record, Mapping):
+        raise ValueError(f"`sparsity` must be a mapping {list(SPARSITY_KEYS)} or None, got {type(record).__name__}")
+    try:
+        data = json.loads(json.dumps(record, allow_nan=False))  # plain data: tuples become lists, as after a file
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`sparsity` must hold only JSON values (finite numbers): {err}") from None
+    _checked_keys("sparsity", data, SPARSITY_KEYS, [k for k, needed in SPARSITY_KEYS.items() if needed])
+    for key in SPARSITY_KEYS:
+        data.setdefault(key, None)
+
+    config = data["config"]
+    if not isinstance(config, dict):
+        raise ValueError(f"`sparsity['config']` must be a mapping of SparsityConfig fields, got {config!r}")
+    _checked_keys("sparsity['config']", config, SPARSITY_CONFIG_FIELDS, SPARSITY_CONFIG_FIELDS)
+    n_m = config["n_m"]
+    if isinstance(n_m, list) and len(n_m) == 2 and all(_as_index(v) is not None for v in n_m):
+        config["n_m"] = f"{n_m[0]}:{n_m[1]}"  # one spelling, so that a plan compares equal after a round trip
+    elif n_m is not None and not isinstance(n_m, str):
+        raise ValueError(f"`sparsity['config']['n_m']` must be None or 'N:M', got {n_m!r}")
+
+    linears = data["linears"]
+    if not isinstance(linears, dict) or not linears:
+        raise ValueError(f"`sparsity['linears']` must map each pruned Linear's name to its sparsity, got {linears!r}")
+    for name, value in linears.items():
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+        if not ok:
+            raise ValueError(f"`sparsity['linears'][{name!r}]` must be a fraction in [0, 1], got {value!r}")
+        linears[name] = float(value)
+
+    max_batches = data["max_batches"]
+    if max_batches is not None and (_as_index(max_batches) is None or max_batches < 1):
+        raise ValueError(f"`sparsity['max_batches']` must be an int >= 1 or None, got {max_batches!r}")
+
+    calibration = data["calibration"]
+    if calibration is not None:
+        if not isinstance(calibration, dict):
+            raise ValueError(f"`sparsity['calibration']` must be a mapping {list(CALIBRATION_KEYS)} or None")
+        _checked_keys("sparsity['calibration']", calibration, CALIBRATION_KEYS, CALIBRATION_KEYS)
+        for key in CALIBRATION_KEYS[:-1]:
+            _check_count(f"sparsity['calibration']['{key}']", calibration[key])
+            if calibration[key] is None:
+                raise ValueError(f"`sparsity['calibration']['{key}']` must be an int >= 0, got None")
+        _check_digest("sparsity['calibration']['sha256']", calibration["sha256"], optional=False)
+    _check_digest("sparsity['masks_sha256']", data["masks_sha256"], optional=True)
+    _check_digest("sparsity['masks_before_sha256']", data["masks_before_sha256"], optional=True)
+    return data
+
+
+def _check_digest(name: str, value: object, *, optional: bool) -> None:
+    """Raise ``ValueError`` unless ``value`` is a SHA-256 hex digest (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    if not ok:
+        raise ValueError(f"`{name}` must be a SHA-256 hex digest (64 lowercase hex digits), got {value!r}")
 
 
 def _checked_keep(
@@ -174,13 +324,20 @@ class PruningPlan:
         keep_neurons: ``{block: MLP neuron indices kept}`` for the blocks whose MLP shrinks. Not part of the hash.
         heads_before: query heads per block of the model the plan was made on; checked when applied.
         neurons_before: MLP neurons per block of the model the plan was made on; checked when applied.
+        sparsity: for a sparsity plan, how its masks were made and what they reached (:data:`SPARSITY_KEYS`):
+            ``{"config": every SparsityConfig field, "linears": {linear name: fraction zeroed}, "max_batches": ...,
+            "calibration": {"batches", "sequences", "tokens", "sha256"} or None, "masks_sha256": ...,
+            "masks_before_sha256": ...}``; stored
+            as plain JSON data (``n_m`` as ``"N:M"``). None for depth and width plans. Not part of the hash.
         meta: free-form, JSON-serialisable provenance (criterion arguments, calibration description). Not part of
             equality or the hash.
 
     Raises:
         ValueError: if ``drop_layers`` holds a non-integer, a negative index, a duplicate, an index >= ``num_layers``
             or every block; if ``num_layers`` is not an int >= 1; if a parameter count is negative; if ``scores``
-            holds a non-number or its length differs from ``num_layers``.
+            holds a non-number or its length differs from ``num_layers``; if ``sparsity`` has an unknown or missing
+            key (the message lists the allowed ones), a fraction outside [0, 1], a bad digest, or comes with
+            ``drop_layers`` / width changes (a sparsity plan changes no shape: record those as their own plans).
         TypeError: if ``meta`` is not a dict.
 
     Example:
@@ -205,6 +362,7 @@ class PruningPlan:
     keep_neurons: dict[int, tuple[int, ...]] | None = field(default=None, hash=False)
     heads_before: tuple[int, ...] | None = None
     neurons_before: tuple[int, ...] | None = None
+    sparsity: dict[str, Any] | None = field(default=None, hash=False)
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -237,6 +395,15 @@ class PruningPlan:
         object.__setattr__(
             self, "keep_neurons", _checked_keep("keep_neurons", self.keep_neurons, num_layers, neurons_before, drop)
         )
+
+        record = _checked_sparsity(self.sparsity)
+        if record is not None and (drop or self.keep_heads or self.keep_neurons):
+            raise ValueError(
+                "A sparsity plan (`sparsity` given) must not also drop blocks or change widths, got "
+                f"drop_layers={list(drop)}, keep_heads in {len(self.keep_heads or {})} blocks, keep_neurons in "
+                f"{len(self.keep_neurons or {})} blocks; record each step as its own plan, in the order applied"
+            )
+        object.__setattr__(self, "sparsity", record)
 
         if not isinstance(self.meta, dict):
             raise TypeError(f"`meta` must be a dict, got {type(self.meta).__name__}")
@@ -301,6 +468,11 @@ class PruningPlan:
     def changes_width(self) -> bool:
         """Whether the plan removes attention heads or MLP neurons."""
         return bool(self.keep_heads) or bool(self.keep_neurons)
+
+    @property
+    def changes_sparsity(self) -> bool:
+        """Whether the plan records masks to re-compute (a format version 3 sparsity plan)."""
+        return self.sparsity is not None
 
     @property
     def num_layers_after(self) -> int | None:
@@ -385,7 +557,8 @@ class PruningPlan:
             of = "a hand-written plan (no `version`)" if hand_written else f"a plan of format version {version}"
             raise ValueError(
                 f"This plan lacks the required field(s) {missing}: {of} must record {list(dict.fromkeys(required))} "
-                "(the width fields may be null), or it could be applied to the wrong model or build a different one. "
+                "(the width fields and `sparsity` may be null), or it could be applied to the wrong model or build a "
+                "different one. "
                 "Restore the field(s) from the original plan."
             )
         if data["num_layers"] is None:
@@ -486,6 +659,8 @@ class PruningPlan:
             width += f", heads kept in {len(self.keep_heads)} blocks"
         if self.keep_neurons:
             width += f", neurons kept in {len(self.keep_neurons)} blocks"
+        if self.sparsity is not None:
+            width += f", sparsity in {len(self.sparsity['linears'])} Linears"
         return (
             f"PruningPlan(drop_layers={list(self.drop_layers)}, num_layers={self.num_layers}, "
             f"method={self.method!r}{width}{counts})"

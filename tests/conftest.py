@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.multiprocessing as mp
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -38,6 +41,35 @@ def tiny_config(**overrides: object) -> LlamaConfig:
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
+
+
+def spawn_ranks(worker: Callable[..., None], out: str, world: int = 2) -> None:
+    """Run ``worker(rank, world, port, out)`` on ``world`` CPU processes (gloo) on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(world, port, out), nprocs=world, join=True)
+
+
+def identity_model(layers: int = 6, identity: tuple[int, ...] = (2, 4)) -> LlamaForCausalLM:
+    """A tiny model whose blocks ``identity`` are exact identities (o_proj and down_proj zero)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(num_hidden_layers=layers)).eval()
+    for i in identity:
+        torch.nn.init.zeros_(model.model.layers[i].self_attn.o_proj.weight)
+        torch.nn.init.zeros_(model.model.layers[i].mlp.down_proj.weight)
+    return model
+
+
+def padded_batches(count: int = 3, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """``count`` unpadded batches of 3 rows, then one with right padding (row 0), left padding (row 1), a full row."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [{"input_ids": torch.randint(4, 256, (3, 10), generator=g)} for _ in range(count)]
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, 7:] = 0
+    mask[1, :4] = 0
+    batches.append({"input_ids": torch.randint(4, 256, (3, 12), generator=g), "attention_mask": mask})
+    return batches
 
 
 @pytest.fixture

@@ -48,6 +48,37 @@ def test_every_shipped_config_parses_and_instantiates(path, fake_loading):
     assert cfg.model.model == yaml.safe_load(path.read_text())["model"]["model"]
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_print_config_shows_every_callback_default(path, fake_loading, capsys):
+    """Callbacks forward their shared tail (`at_epoch`, `verbose`, ...) as **kwargs: the CLI still lists each one."""
+    import dataclasses
+
+    from lit_prune.recovery.lora import LoRASpec
+    from lit_prune.sparse.config import SparsityConfig
+
+    with pytest.raises(SystemExit):
+        trainer_cli(["fit", "--config", str(path), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    shipped = yaml.safe_load(path.read_text())["trainer"].get("callbacks") or []
+    given = {c["class_path"]: c.get("init_args", {}) for c in shipped}
+    for callback in printed["trainer"]["callbacks"] or []:
+        name, args = callback["class_path"].rsplit(".", 1)[-1], callback["init_args"]
+        assert {k: args[k] for k in given[callback["class_path"]]} == given[callback["class_path"]]  # YAML kept
+        if name in ("DepthPruning", "WidthPruning", "SparsityPruning", "MixtureOfPruners"):
+            assert {"at_epoch", "calibration", "calibration_batches", "verbose"} <= set(args), name
+            assert args["calibration_batches"] is None and (args["verbose"] == 1 or "verbose" in given), name
+        if name == "SparsityPruning":
+            for field in dataclasses.fields(SparsityConfig):
+                key = "trim" if field.name == "trim_rows" else field.name
+                if key not in given[callback["class_path"]]:
+                    assert args[key] == field.default, key
+        if name == "CKALoRA":
+            assert "layers" not in args and {"teacher", "merge_at_end", "save_adapter", "verbose"} <= set(args)
+            for field in dataclasses.fields(LoRASpec):
+                if field.name != "layers" and field.name not in given[callback["class_path"]]:
+                    assert args[field.name] == field.default, field.name
+
+
 def test_smollm2_config_encodes_the_cpu_protocol(fake_loading):
     from lit_prune.presets import CPU_PROTOCOL
 

@@ -1,4 +1,4 @@
-"""``lit-prune prune``: --plan replay, --output / --overwrite safety, data paths checked first, sparsity summary."""
+"""``lit-prune prune``: --plan replay (sparsity too), --output / --overwrite safety, data paths checked first."""
 
 import json
 import logging
@@ -62,9 +62,11 @@ def test_plan_errors(tmp_path, tiny_model_dir, text_file, monkeypatch):
     cfg = _config(tmp_path, tiny_model_dir, text_file, callbacks=[])
     with pytest.raises(CLIError, match=r"^--plan: No pruning plan file at .*missing\.json"):
         run_prune(["--config", cfg, "--plan", str(tmp_path / "missing.json")])
-    sparse = tmp_path / "sparse.json"
-    PruningPlan(num_layers=4, method="sparsity:wanda", meta={"sparsity": 0.5}).to_json(sparse)
-    with pytest.raises(CLIError, match=r"plan \[0\] \(sparsity:wanda\) is a sparsity plan: .* cannot be replayed"):
+    sparse = tmp_path / "sparse.json"  # what lit-prune wrote before plan format version 3: no record to replay
+    old = PruningPlan(num_layers=4, method="sparsity:wanda", meta={"sparsity": 0.5}).to_dict()
+    sparse.write_text(json.dumps({k: v for k, v in old.items() if k != "sparsity"} | {"version": 2}))
+    with pytest.raises(CLIError, match=r"plan \[0\] \(sparsity:wanda\) is a sparsity plan without a `sparsity` "
+                       r"record \(written by an older lit-prune, plan format version 2\).* cannot be replayed"):
         run_prune(["--config", cfg, "--plan", str(sparse), "--output", str(tmp_path / "o")])
     other = tmp_path / "other.json"
     PruningPlan(drop_layers=[1], num_layers=6, method="depth:bi").to_json(other)
@@ -138,3 +140,47 @@ def test_sparsity_summary_says_how_sparse(tmp_path, tiny_model_dir, text_file, c
     assert first == (f"Pruned with sparsity:magnitude: params {total:,} -> {total:,}; sparsity 50.00% of the prunable "
                      f"weights, nonzero params {nonzero:,}")
     assert nonzero < total
+
+
+SPARSEGPT_OWL = [{"class_path": "lit_prune.callbacks.SparsityPruning",
+                  "init_args": {"criterion": "sparsegpt", "sparsity": 0.6, "allocation": "owl", "verbose": 0}}]
+
+
+def _zeros(model):
+    from lit_prune.sparse import prunable_linears
+
+    return {name: lin.weight == 0 for name, lin in prunable_linears(model).items()}
+
+
+def test_a_sparsity_plan_replays_to_identical_weights_and_masks(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    from lit_prune.callbacks import SparsityPruning
+
+    cfg = _config(tmp_path, tiny_model_dir, text_file, callbacks=SPARSEGPT_OWL)
+    (first,) = run_prune(["--config", cfg, "--output", str(tmp_path / "a")])
+    assert first.changes_sparsity and first.sparsity["config"]["criterion"] == "sparsegpt"
+    assert first.sparsity["calibration"]["sequences"] == 4  # the config's calibration_windows
+    monkeypatch.setattr(SparsityPruning, "prune_all", lambda *a: pytest.fail("scored although --plan was given"))
+    (replayed,) = run_prune(["--config", cfg, "--output", str(tmp_path / "b"), "--plan",
+                             str(tmp_path / "a" / "pruning_plans.json")])
+    assert replayed == first
+    a, b = LlamaForCausalLM.from_pretrained(tmp_path / "a"), LlamaForCausalLM.from_pretrained(tmp_path / "b")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name  # SparseGPT's weight updates too, not only the zeros
+    za, zb = _zeros(a), _zeros(b)
+    assert za.keys() == zb.keys() and all(torch.equal(za[k], zb[k]) for k in za)
+    dense = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    assert not all(torch.equal(p, q) for p, q in zip(dense.state_dict().values(), b.state_dict().values()))
+    assert json.loads((tmp_path / "b" / "pruning_plans.json").read_text()) == [first.to_dict()]
+
+
+def test_a_sparsity_plan_on_other_calibration_is_refused(tmp_path, tiny_model_dir, text_file):
+    wanda = [{"class_path": "lit_prune.callbacks.SparsityPruning",
+              "init_args": {"criterion": "wanda", "sparsity": 0.5, "verbose": 0}}]
+    run_prune(["--config", _config(tmp_path, tiny_model_dir, text_file, callbacks=wanda), "--output",
+               str(tmp_path / "a")])
+    other = _config(tmp_path, tiny_model_dir, text_file, callbacks=[], name="other.yaml", calibration_seed=1)
+    with pytest.raises(CLIError, match=r"^--plan: plan \[0\] \(sparsity:wanda\) cannot be replayed: The calibration "
+                       r"differs from the one the sparsity plan was made on: got .* the plan records .*Replay it on "
+                       r"the same calibration windows .*Nothing was modified"):
+        run_prune(["--config", other, "--output", str(tmp_path / "b"), "--plan", str(tmp_path / "a")])
+    assert not (tmp_path / "b").exists()

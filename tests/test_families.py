@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from lit_prune import CausalLMModule, UnsupportedModelError, load_pretrained, save_pretrained
-from lit_prune.allocation import make_width_plan
+from lit_prune.allocation import make_depth_plan, make_width_plan
 from lit_prune.allocation.sparsity import layer_counts
 from lit_prune.arch import adapter_for, supported_model_types
 from lit_prune.callbacks import WidthPruning
@@ -47,11 +47,9 @@ from lit_prune.criteria.depth import DEPTH_CRITERIA, score_blocks
 from lit_prune.criteria.width import score_width
 from lit_prune.mop import MoPSearch, register_width_masks
 from lit_prune.recovery import LoRASpec, attach_lora, cka_importance, merge_lora, select_blocks
-from lit_prune.shapes import loads_without_lit_prune
 from lit_prune.sparse import one_shot_stats, prunable_linears, prune_sparse, sequential_prune
 from lit_prune.stats import Hooks
-from lit_prune.surgery import apply_plan, make_depth_plan, remove_blocks
-from lit_prune.width_surgery import prune_heads, prune_neurons
+from lit_prune.surgery import apply_plan, loads_without_lit_prune, prune_heads, prune_neurons, remove_blocks
 
 VOCAB = 128
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, BLOCKS = 64, 4, 2, 24, 96, 4

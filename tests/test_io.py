@@ -8,8 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from lit_prune import CausalLMModule, load_pretrained, save_pretrained
 from lit_prune.io import MODEL_TYPE_KEY, PLANS_FILE, check_record_against_weights
 from lit_prune.plan import PruningPlan
-from lit_prune.shapes import LAYER_SHAPES_KEY, block_shapes
-from lit_prune.surgery import apply_plan
+from lit_prune.surgery import LAYER_SHAPES_KEY, apply_plan, block_shapes
 
 NONUNIFORM = PruningPlan(
     num_layers=4,

@@ -78,7 +78,7 @@ def test_to_dict_is_a_copy():
 def test_from_dict_reads_old_and_hand_written_formats():
     # a version 1 plan (depth only: no width fields) loads with the width fields at their defaults
     v1 = {k: v for k, v in _plan().to_dict().items() if k not in ("keep_heads", "keep_neurons")}
-    v1 = {k: v for k, v in v1.items() if k not in ("heads_before", "neurons_before")} | {"version": 1}
+    v1 = {k: v for k, v in v1.items() if k not in ("heads_before", "neurons_before", "sparsity")} | {"version": 1}
     assert PruningPlan.from_dict(v1) == _plan() and PruningPlan.from_dict(v1).keep_heads is None
     # what the first lit-prune wrote (commit 5aad9f1: version 1, all version 1 fields) still loads
     first = {
@@ -101,24 +101,26 @@ def test_from_dict_reads_old_and_hand_written_formats():
         (
             {"version": 99},
             ValueError,
-            r"format version 99; this lit-prune reads plan format versions 1 to 2 .* Upgrade lit-prune",
+            r"format version 99; this lit-prune reads plan format versions 1 to 3 .* Upgrade lit-prune",
         ),
         (
-            {"version": PLAN_FORMAT_VERSION + 1, "sparsity": {"0": 0.5}},
+            {"version": PLAN_FORMAT_VERSION + 1, "pruned_experts": {"0": [1]}},
             ValueError,
-            r"format version 3; this lit-prune reads",
+            rf"format version {PLAN_FORMAT_VERSION + 1}; this lit-prune reads",
         ),
-        ({"version": "2"}, ValueError, r"`version` must be an int in \[1, 2\] \(the plan format\), got '2'"),
-        ({"version": 0}, ValueError, r"`version` must be an int in \[1, 2\].*got 0"),
+        ({"version": "2"}, ValueError, r"`version` must be an int in \[1, 3\] \(the plan format\), got '2'"),
+        ({"version": 0}, ValueError, r"`version` must be an int in \[1, 3\].*got 0"),
         ({"version": True}, ValueError, r"`version` must be an int .*got True"),
         # unknown keys: refused by name, with the close match for a typo
-        ({"note": "hand-edited"}, ValueError, r"Unknown PruningPlan key\(s\) \['note'\]\. A plan of format version 2"),
+        ({"note": "hand-edited"}, ValueError, r"Unknown PruningPlan key\(s\) \['note'\]\. A plan of format version 3"),
         ({"num_layer": 6}, ValueError, r"\['num_layer'\] \(`num_layer`: did you mean `num_layers`\?\)"),
         ({"version": 1, "keep_heads": None}, ValueError, r"`keep_heads` is a field of format version 2, not 1"),
+        ({"version": 2, "sparsity": None}, ValueError, r"`sparsity` is a field of format version 3, not 2"),
         # missing structural fields: refused by name
         ({"drop": "num_layers"}, ValueError, r"lacks the required field\(s\) \['num_layers'\]: a plan of format "),
         ({"drop": "drop_layers"}, ValueError, r"lacks the required field\(s\) \['drop_layers'\]"),
         ({"drop": "keep_heads"}, ValueError, r"lacks the required field\(s\) \['keep_heads'\]"),
+        ({"drop": "sparsity"}, ValueError, r"lacks the required field\(s\) \['sparsity'\]: .*`sparsity` may be null"),
         ({"version": 1, "drop": "num_layers"}, ValueError, r"\['num_layers'\]: a plan of format version 1 must"),
         ({"num_layers": None}, ValueError, r"`num_layers` is null: a plan read from a file must record"),
     ],
@@ -126,6 +128,8 @@ def test_from_dict_reads_old_and_hand_written_formats():
 def test_from_dict_enforces_format_rules(data, error, message):
     data, record = dict(data), _plan().to_dict()
     record.pop(data.pop("drop", ""), None)
+    if data.get("version") in (1, 2):
+        record.pop("sparsity")
     if data.get("version") == 1:
         for name in ("keep_heads", "keep_neurons", "heads_before", "neurons_before"):
             record.pop(name)
@@ -282,3 +286,118 @@ def test_width_fields_normalise_and_round_trip(tmp_path):
 def test_width_fields_reject_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         _width_plan(**overrides)
+
+
+# --- sparsity plans (format version 3) ---------------------------------------------------------------------------
+def _sparsity_record(**overrides):
+    from lit_prune.sparse.config import SparsityConfig
+    from lit_prune.sparse.record import config_record
+
+    record = {
+        "config": config_record(SparsityConfig(criterion="wanda", sparsity=0.5, allocation="owl")),
+        "linears": {"model.layers.0.self_attn.q_proj": 0.4375, "model.layers.0.mlp.down_proj": 0.5},
+        "max_batches": 2,
+        "calibration": {"batches": 2, "sequences": 4, "tokens": 64, "sha256": "ab" * 32},
+        "masks_sha256": "cd" * 32,
+        "masks_before_sha256": None,
+    }
+    record.update(overrides)
+    return record
+
+
+def _sparsity_plan(**overrides):
+    return PruningPlan(num_layers=4, method="sparsity:wanda", sparsity=_sparsity_record(**overrides))
+
+
+def test_a_sparsity_plan_round_trips_exactly(tmp_path):
+    from lit_prune.plan import read_plans
+
+    plan = _sparsity_plan()
+    assert plan.changes_sparsity and not _plan().changes_sparsity and not plan.changes_width
+    data = json.loads(plan.to_json())
+    assert data["version"] == PLAN_FORMAT_VERSION == 3
+    assert data["sparsity"] == _sparsity_record()
+    back = PruningPlan.from_json(plan.to_json(tmp_path / "sparsity-plan-1.json"))
+    assert back == plan and back.sparsity == plan.sparsity
+    assert read_plans(tmp_path / "sparsity-plan-1.json") == [plan]
+    (tmp_path / "pruning_plans.json").write_text(json.dumps([_plan().to_dict(), plan.to_dict()]))
+    assert read_plans(tmp_path) == [_plan(), plan]
+    assert plan != _sparsity_plan(masks_sha256="ef" * 32)
+    hash(plan)
+    assert "sparsity in 2 Linears" in repr(plan)
+    # tuples, (N, M) and a missing optional key normalise to what a file holds, so the plan still compares equal
+    config = _sparsity_record()["config"] | {"n_m": (2, 4), "allocation": "uniform", "layer_scores": (1.0, 2.0)}
+    record = {k: v for k, v in _sparsity_record(config=config).items() if k != "masks_before_sha256"}
+    nm = PruningPlan(num_layers=4, sparsity=record)
+    assert nm.sparsity["config"]["n_m"] == "2:4" and nm.sparsity["config"]["layer_scores"] == [1.0, 2.0]
+    assert nm.sparsity["masks_before_sha256"] is None
+    assert PruningPlan.from_json(nm.to_json()) == nm
+
+
+def test_a_version_2_plan_still_loads():
+    v2 = _plan().to_dict()
+    del v2["sparsity"]
+    assert PruningPlan.from_dict(v2 | {"version": 2}) == _plan()
+    # a version 2 sparsity plan (per-block sparsity in `meta` only) loads, without a record to replay
+    old = {"version": 2, "drop_layers": [], "num_layers": 4, "method": "sparsity:wanda", "params_before": 10,
+           "params_after": 10, "non_embedding_before": None, "non_embedding_after": None, "scores": None,
+           "keep_heads": None, "keep_neurons": None, "heads_before": None, "neurons_before": None,
+           "meta": {"sparsity": 0.5, "block_sparsity": [0.5] * 4}}  # fmt: skip
+    loaded = PruningPlan.from_dict(old)
+    assert loaded.sparsity is None and not loaded.changes_sparsity and loaded.meta["sparsity"] == 0.5
+    assert PruningPlan.from_dict(loaded.to_dict()) == loaded  # written back as version 3, `sparsity` null
+
+
+def test_sparsity_config_fields_are_the_plan_record_keys():
+    import dataclasses
+
+    from lit_prune.plan import SPARSITY_CONFIG_FIELDS
+    from lit_prune.sparse.config import SparsityConfig
+
+    # a new SparsityConfig field needs a new plan format version, so that older plans keep their meaning
+    assert tuple(f.name for f in dataclasses.fields(SparsityConfig)) == SPARSITY_CONFIG_FIELDS
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(mask_sha256="x"), r"`sparsity` has unknown key\(s\) \['mask_sha256'\] \(`mask_sha256`: did you mean "
+         r"`masks_sha256`\?\); the allowed keys are \['config', 'linears', 'max_batches'"),
+        (dict(linears=None), r"`sparsity\['linears'\]` must map each pruned Linear's name to its sparsity"),
+        (dict(linears={"a": 1.5}), r"`sparsity\['linears'\]\['a'\]` must be a fraction in \[0, 1\], got 1\.5"),
+        (dict(linears={"a": True}), r"must be a fraction in \[0, 1\], got True"),
+        (dict(linears={"a": float("nan")}), r"`sparsity` must hold only JSON values \(finite numbers\)"),
+        (dict(max_batches=0), r"`sparsity\['max_batches'\]` must be an int >= 1 or None, got 0"),
+        (dict(calibration={"batches": 2}), r"`sparsity\['calibration'\]` lacks the required key\(s\) "
+         r"\['sequences', 'tokens', 'sha256'\]"),
+        (dict(calibration={"batches": -1, "sequences": 1, "tokens": 1, "sha256": "ab" * 32}),
+         r"`sparsity\['calibration'\]\['batches'\]` must be an int >= 0"),
+        (dict(masks_sha256="xyz"), r"`sparsity\['masks_sha256'\]` must be a SHA-256 hex digest"),
+        (dict(config=[1]), r"`sparsity\['config'\]` must be a mapping of SparsityConfig fields"),
+    ],
+)
+def test_sparsity_record_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _sparsity_plan(**overrides)
+
+
+def test_sparsity_record_misconfiguration():
+    config = _sparsity_record()["config"]
+    with pytest.raises(ValueError, match=r"`sparsity\['config'\]` has unknown key\(s\) \['owl_n'\] \(`owl_n`: did "
+                       r"you mean `owl_m`\?\); the allowed keys are \['criterion', 'sparsity', 'n_m'"):
+        _sparsity_plan(config=config | {"owl_n": 3})
+    with pytest.raises(ValueError, match=r"`sparsity\['config'\]` lacks the required key\(s\) \['lam'\]"):
+        _sparsity_plan(config={k: v for k, v in config.items() if k != "lam"})
+    with pytest.raises(ValueError, match=r"`sparsity` lacks the required key\(s\) \['linears'\]"):
+        PruningPlan(sparsity={"config": config})
+    with pytest.raises(ValueError, match=r"`sparsity` must be a mapping \['config', 'linears'.*got list"):
+        PruningPlan(sparsity=[config])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`sparsity\['config'\]\['n_m'\]` must be None or 'N:M', got 3"):
+        _sparsity_plan(config=config | {"n_m": 3})
+    with pytest.raises(ValueError, match=r"A sparsity plan \(`sparsity` given\) must not also drop blocks or change "
+                       r"widths, got drop_layers=\[1\].*record each step as its own plan"):
+        PruningPlan(drop_layers=[1], num_layers=4, sparsity=_sparsity_record())
+    with pytest.raises(ValueError, match=r"must not also drop blocks or change widths"):
+        _width_plan(drop_layers=(), sparsity=_sparsity_record())
+    with pytest.raises(ValueError, match=r"`sparsity` must hold only JSON values"):
+        _sparsity_plan(max_batches=object())

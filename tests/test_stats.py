@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import tiny_config
+from conftest import identity_model, spawn_ranks, tiny_config
+from conftest import padded_batches as make_batches
 from torch import Tensor
 from transformers import LlamaForCausalLM, LlamaModel
 
@@ -26,27 +25,6 @@ from lit_prune.stats import (
 
 ALL_NEEDS = ("bi", "angular", "cka_last", "cka_all")
 IDENTITY = (2, 4)
-
-
-def identity_model(layers: int = 6) -> LlamaForCausalLM:
-    """A tiny model whose blocks IDENTITY are exact identities (o_proj and down_proj zero)."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config(num_hidden_layers=layers)).eval()
-    for i in IDENTITY:
-        torch.nn.init.zeros_(model.model.layers[i].self_attn.o_proj.weight)
-        torch.nn.init.zeros_(model.model.layers[i].mlp.down_proj.weight)
-    return model
-
-
-def make_batches(count: int = 3, seed: int = 1) -> list[dict[str, Tensor]]:
-    """``count`` unpadded batches, then one with right padding (row 0), left padding (row 1) and a full row."""
-    g = torch.Generator().manual_seed(seed)
-    batches = [{"input_ids": torch.randint(4, 256, (3, 10), generator=g)} for _ in range(count)]
-    mask = torch.ones(3, 12, dtype=torch.long)
-    mask[0, 7:] = 0
-    mask[1, :4] = 0
-    batches.append({"input_ids": torch.randint(4, 256, (3, 12), generator=g), "attention_mask": mask})
-    return batches
 
 
 def capture(model: LlamaForCausalLM, batches: list[dict[str, Tensor]]) -> list[tuple[list[Tensor], Tensor]]:
@@ -362,11 +340,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
 def test_ddp_ranks_with_different_batches_reduce_to_the_same_statistics(tmp_path: Path) -> None:
     """Real gloo ranks: compute() sums the states over ranks (torchmetrics sync_on_compute), so scores agree."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "scores")
-    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, out)
     ranks = [torch.load(f"{out}.{r}") for r in (0, 1)]
     model = identity_model()
     all_batches = make_batches(2, seed=1) + make_batches(1, seed=2)

@@ -6,8 +6,9 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from lit_prune import adapter_for
+from lit_prune.allocation import make_depth_plan
 from lit_prune.plan import PruningPlan
-from lit_prune.surgery import apply_plan, make_depth_plan, remove_blocks
+from lit_prune.surgery import apply_plan, remove_blocks
 
 
 def _llama(num_layers=6, seed=0):

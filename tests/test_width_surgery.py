@@ -8,9 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from lit_prune.arch import adapter_for
 from lit_prune.plan import PruningPlan
-from lit_prune.shapes import LAYER_SHAPES_KEY, BlockShape, block_shapes
-from lit_prune.surgery import apply_plan
-from lit_prune.width_surgery import prune_heads, prune_neurons
+from lit_prune.surgery import LAYER_SHAPES_KEY, BlockShape, apply_plan, block_shapes, prune_heads, prune_neurons
 
 HD = 24  # tiny_config head_dim
 

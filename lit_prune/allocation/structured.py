@@ -39,8 +39,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -49,13 +48,11 @@ from torch import Tensor, nn
 from lit_prune._validation import check_int
 from lit_prune.arch import AttentionView, MLPView, ModelAdapter, adapter_for
 from lit_prune.criteria.width import WidthScores
+from lit_prune.criteria.width_config import PARAMS_OF, ParamsOf, WidthConfig, check_amount, check_choice
 from lit_prune.plan import PruningPlan, _as_index
 
 log = logging.getLogger(__name__)
 
-_GQA_MODES = ("query", "group")
-_ALLOCATIONS = ("uniform", "global")
-_OF = ("total", "non_embedding")
 _EPS = 1e-9
 """Slack for ``ceil(fraction * n)`` so that e.g. ``ceil(0.3 * 10)`` is 3, not 4."""
 GROUP_WARN_FRACTION = 1 / 3
@@ -117,7 +114,7 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def params_to_remove(model: nn.Module, amount: float | int, of: Literal["total", "non_embedding"] = "total") -> int:
+def params_to_remove(model: nn.Module, amount: float | int, of: ParamsOf = WidthConfig.of) -> int:
     """The number of parameters ``amount`` asks to remove from ``model``.
 
     Args:
@@ -133,9 +130,8 @@ def params_to_remove(model: nn.Module, amount: float | int, of: Literal["total",
         ValueError: if ``of`` is unknown, ``amount`` is a bool, NaN, a float outside (0, 1), an int < 1, or asks for
             nothing or for at least every attention and MLP parameter.
     """
-    if of not in _OF:
-        raise ValueError(f"`of` must be one of {list(_OF)}, got {of!r}")
-    _check_amount(amount)
+    check_choice("of", of, PARAMS_OF)
+    check_amount(amount)
     as_int = _as_index(amount)
     adapter = adapter_for(model)
     prunable = sum(_prunable_params(adapter, model))
@@ -155,27 +151,14 @@ def params_to_remove(model: nn.Module, amount: float | int, of: Literal["total",
     return removed
 
 
-def _check_amount(amount: object) -> None:
-    """``ValueError`` unless ``amount`` is a float in (0, 1) or an int >= 1 (numpy scalars accepted, bools not)."""
-    as_int = _as_index(amount)
-    if isinstance(amount, bool) or (as_int is None and not isinstance(amount, Real)):
-        raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
-    if as_int is not None and as_int < 1:
-        raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
-    if as_int is None and not 0.0 < float(amount) < 1.0:  # type: ignore[arg-type]  # also rejects NaN
-        raise ValueError(f"`amount` must be a float in (0, 1) or an int >= 1, got {amount!r}")
-
-
-def check_width_options(
-    amount: object, *, of: object, gqa: object, allocation: object, round_to: object, min_keep: object
-) -> None:
-    """Validate every :func:`make_width_plan` option that does not depend on the model.
+def check_width_options(amount: object, **options: Any) -> None:
+    """Validate every :func:`make_width_plan` option that does not depend on the model (builds a ``WidthConfig``).
 
     Raises:
         ValueError: naming the first bad option, the value received and what is allowed.
+        TypeError: for a keyword that is not a :class:`~lit_prune.criteria.width_config.WidthConfig` field.
     """
-    _check_amount(amount)
-    _check_options(gqa, allocation, of, round_to, min_keep)
+    WidthConfig.build(amount=amount, **options)
 
 
 def uniform_ratio(model: nn.Module, num_params: int) -> float:
@@ -451,19 +434,6 @@ def _kept_neurons(block_neurons: Tensor, kept: int) -> tuple[int, ...]:
 
 
 # --- validation --------------------------------------------------------------------------------------------------
-def _check_options(gqa: object, allocation: object, of: object, round_to: object, min_keep: object) -> None:
-    """``ValueError`` naming the first bad option, the allowed values and the value received."""
-    if gqa not in _GQA_MODES:
-        raise ValueError(f"`gqa` must be one of {list(_GQA_MODES)}, got {gqa!r}")
-    if allocation not in _ALLOCATIONS:
-        raise ValueError(f"`allocation` must be one of {list(_ALLOCATIONS)}, got {allocation!r}")
-    if of not in _OF:
-        raise ValueError(f"`of` must be one of {list(_OF)}, got {of!r}")
-    check_int("round_to", round_to, minimum=1)
-    if isinstance(min_keep, bool) or not isinstance(min_keep, Real) or not 0.0 < float(min_keep) <= 1.0:
-        raise ValueError(f"`min_keep` must be a number in (0, 1], got {min_keep!r}")
-
-
 def _check_scores(scores: object, blocks: Sequence[_Block]) -> WidthScores:
     """``scores`` if it is a :class:`WidthScores` matching the model's current widths; otherwise raise."""
     if not isinstance(scores, WidthScores):
@@ -487,17 +457,19 @@ def _check_scores(scores: object, blocks: Sequence[_Block]) -> WidthScores:
 def make_width_plan(
     model: nn.Module,
     scores: WidthScores,
-    amount: float | int,
+    amount: float | int | None = None,
     *,
-    of: Literal["total", "non_embedding"] = "total",
-    gqa: Literal["query", "group"] = "query",
-    allocation: Literal["uniform", "global"] = "uniform",
-    round_to: int = 1,
-    min_keep: float = 0.1,
+    config: WidthConfig | None = None,
     method: str = "",
     meta: dict[str, Any] | None = None,
+    **options: Any,
 ) -> PruningPlan:
     """Choose the query heads and MLP neurons to remove so that about ``amount`` parameters go.
+
+    The options are a :class:`~lit_prune.criteria.width_config.WidthConfig` (shared with
+    :class:`~lit_prune.callbacks.WidthPruning` and :func:`~lit_prune.criteria.width.score_width`): pass one as
+    ``config``, or its fields as keywords, which replace the config's (or the defaults'), e.g.
+    ``make_width_plan(model, scores, 0.2, gqa="group", allocation="global", round_to=8)``.
 
     The model is only read, never modified. ``R`` = :func:`params_to_remove`; ``p = R / (N_attn + N_mlp)``. The
     lowest-scored heads and neurons go (ties: the lower index first). See the module docstring for the GQA modes and
@@ -509,14 +481,17 @@ def make_width_plan(
     Args:
         model: the model to prune, with its current widths (a model already pruned non-uniformly is fine).
         scores: one score per query head and per neuron of every block (higher = more important).
-        amount: a float in (0, 1), the fraction of ``of`` to remove; or an int >= 1, a number of parameters.
-        of: ``"total"`` (all parameters, tied weights once) or ``"non_embedding"``; what a fraction refers to.
-        gqa: ``"query"``: the same number of query heads from every KV group; ``"group"``: whole KV groups.
-        allocation: ``"uniform"`` (the same ratio in every block, AMP) or ``"global"`` (ranked across blocks).
-        round_to: kept MLP widths are multiples of this (e.g. 8 or 64 for fast kernels).
-        min_keep: the fraction of each block's heads and neurons that always stays, in (0, 1].
+        amount: the config's ``amount``: a float in (0, 1), the fraction of ``of`` to remove; or an int >= 1, a
+            number of parameters (None: keep the config's, by default 0.2).
+        config: the options; None: the defaults.
         method: recorded in the plan; defaults to ``"width:<criterion>"``.
         meta: provenance recorded in the plan (copied); the allocation's own keys are added and take precedence.
+        **options: any other ``WidthConfig`` field read here: ``of`` (``"total"``, tied weights once, or
+            ``"non_embedding"``: what a fraction refers to), ``gqa`` (``"query"``: the same number of query heads
+            from every KV group; ``"group"``: whole KV groups), ``allocation`` (``"uniform"``, the same ratio in
+            every block as AMP, or ``"global"``, ranked across blocks), ``round_to`` (kept MLP widths are
+            multiples of this, e.g. 8 or 64 for fast kernels), ``min_keep`` (the fraction of each block's heads
+            and neurons that always stays, in (0, 1]).
 
     Returns:
         A plan with ``keep_heads`` / ``keep_neurons`` for the blocks that change, the widths before, and the
@@ -528,7 +503,8 @@ def make_width_plan(
             not in (0, 1], ``amount`` is invalid (see :func:`params_to_remove`), ``scores`` do not match the model's
             blocks and widths, or the minimum widths leave fewer than ``R`` parameters removable (the message says
             how many can be).
-        TypeError: if ``scores`` is not a :class:`WidthScores` or ``meta`` is not a dict.
+        TypeError: if ``scores`` is not a :class:`WidthScores`, ``meta`` is not a dict, or a keyword is not a
+            ``WidthConfig`` field.
 
     Example:
         >>> import torch
@@ -544,7 +520,9 @@ def make_width_plan(
         >>> plan.meta["kept_neurons"], plan.keep_neurons[0][:3], plan.method
         ([20, 20], (12, 13, 14), 'width:amp')
     """
-    _check_options(gqa, allocation, of, round_to, min_keep)
+    cfg = WidthConfig.build(config, **({"amount": amount} if amount is not None else {}), **options)
+    amount, of, gqa = cfg.amount, cfg.of, cfg.gqa
+    allocation, round_to, min_keep = cfg.allocation, cfg.round_to, cfg.min_keep
     if meta is not None and not isinstance(meta, dict):
         raise TypeError(f"`meta` must be a dict or None, got {type(meta).__name__}")
     adapter = adapter_for(model)

@@ -329,6 +329,13 @@ class ModelAdapter:
         """Run the decoder stack (no LM head, no cache): the one entry point calibration passes go through."""
         return self.decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
+    def forward_logits(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Next-token logits ``(B, T, V)`` of the whole causal LM (no cache): the pass driver's entry with the head."""
+        out: torch.Tensor = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return out
+
     # --- slice maps --------------------------------------------------------------------------------------------
     def _fused_qkv(self) -> bool:
         return self.q_attr == self.k_attr == self.v_attr
@@ -596,3 +603,28 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     """
     cfg = text_config(model_config(model))
     return adapter_for_type(getattr(cfg, "model_type", None), type(model).__name__)
+
+
+def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
+    """Per block, ``{name: Linear}`` of its prunable projections in the adapter's order (q, k, v, o, gate, up, down).
+
+    A fused projection (Phi-3's ``qkv_proj``) is one entry. A projection wrapped by PEFT counts as the Linear it wraps
+    (``base_layer``); its name is the wrapper's.
+
+    Raises:
+        UnsupportedModelError: if the model family has no adapter.
+        TypeError: if a projection is not an ``nn.Linear``.
+    """
+    hf_model = unwrap(model)
+    adapter = adapter_for(hf_model)
+    names = {id(module): name for name, module in hf_model.named_modules()}
+    per_block = []
+    for block in adapter.blocks(hf_model):
+        found: dict[str, nn.Linear] = {}
+        for slot in adapter.block_linears(block).values():
+            linear = base_layer(slot)
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"`{names[id(slot)]}` must be an nn.Linear to be pruned, got {type(linear).__name__}")
+            found[names[id(slot)]] = linear
+        per_block.append(found)
+    return per_block

@@ -26,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lit_prune.allocation.depth import MIN_CALIBRATION_WINDOWS
 from lit_prune.plan import PruningPlan
 from lit_prune.recovery.lora import merge_adapters
-from lit_prune.surgery import MIN_CALIBRATION_WINDOWS
+from lit_prune.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,6 @@ class PruningCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """After a fit, the last pruning callback writes ``report.md`` next to the plans (see ``PruningReport``)."""
         if stage == "fit":
-            from lit_prune.callbacks.report import report_after_fit  # report.py imports this module
-
             report_after_fit(trainer, self)
 
     # --- checkpoint state --------------------------------------------------------------------------------------
@@ -241,3 +240,30 @@ def warn_small_calibration(who: str, windows: int | None, what: str) -> None:
             "datamodule's `calibration_windows: 64`).",
             category=UserWarning,
         )
+
+
+def report_after_fit(trainer: pl.Trainer, caller: PruningCallback) -> Path | None:
+    """Write ``report.md`` once per fit, from the last pruning callback, unless a :class:`PruningReport` will.
+
+    A callback whose class sets ``writes_report = True`` (:class:`~lit_prune.callbacks.PruningReport`) writes the
+    report itself, with its measurements; this module does not import it (it imports this one).
+
+    A failure to draw or write is logged, never raised: the fit itself succeeded.
+    """
+    callbacks = list(getattr(trainer, "callbacks", []))
+    if any(getattr(cb, "writes_report", False) for cb in callbacks):  # a PruningReport writes it with its numbers
+        return None
+    pruning = [cb for cb in callbacks if isinstance(cb, PruningCallback)]
+    if not pruning or pruning[-1] is not caller or not any(cb.plans for cb in pruning):
+        return None
+    folder = output_folder(trainer)  # a collective under DDP: every rank calls it
+    if not trainer.is_global_zero:
+        return None
+    try:
+        path = write_report(folder)
+    except (OSError, ValueError, RuntimeError) as err:
+        rank_zero_warn(f"Could not write the pruning report into {folder}: {err}")
+        return None
+    if caller.verbose:
+        rank_zero_info(f"{type(caller).__name__}: wrote the pruning report {path}")
+    return path

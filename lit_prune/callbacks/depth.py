@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -14,29 +14,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lit_prune.allocation import make_depth_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback, count_windows
-from lit_prune.criteria import registry
-from lit_prune.criteria.depth import ONE_PASS, score_blocks
+from lit_prune.criteria.depth import score_blocks
+from lit_prune.criteria.depth_config import DepthConfig, DepthCriterion
 from lit_prune.plan import PruningPlan
-from lit_prune.surgery import apply_plan, make_depth_plan
+from lit_prune.surgery import apply_plan
 
 log = logging.getLogger(__name__)
-
-DepthCriterion = Literal[
-    "bi",
-    "angular",
-    "angular_block",
-    "cka",
-    "cka_all",
-    "cka_global",
-    "cosine_global",
-    "kl_global",
-    "consensus",
-    "random",
-    "reversed",
-]
-"""The registered depth criteria (``registry.names("depth")``; a test keeps the two equal)."""
 
 
 class DepthPruning(PruningCallback):
@@ -47,6 +33,10 @@ class DepthPruning(PruningCallback):
     statistic the criterion needs (global criteria add one pass per candidate block), reduces it across DDP ranks,
     removes the same blocks on every rank, rebuilds the DDP wrapper and the optimizers, and writes the plan as JSON
     next to the checkpoints. Hooks are removed even when the pass fails.
+
+    The options and their defaults are those of :class:`~lit_prune.criteria.depth_config.DepthConfig` (shared with
+    :func:`~lit_prune.criteria.depth.score_blocks` and :func:`~lit_prune.allocation.make_depth_plan`), built into
+    :attr:`config`.
 
     Args:
         criterion: ``bi`` (Block Influence), ``angular`` (last token), ``angular_block`` (Gromov et al.: the
@@ -61,15 +51,15 @@ class DepthPruning(PruningCallback):
         consensus_of: criteria aggregated by ``consensus`` (default the one-pass ones: bi, angular, cka).
         reversed_of: the criterion that ``reversed`` negates.
         seed: seed of ``random``.
-        at_epoch: prune at the start of this epoch; None prunes on fit start.
-        calibration: a DataLoader of calibration batches; None uses the datamodule's ``calibration_dataloader()``.
-        calibration_batches: use at most this many calibration batches.
-        verbose: 0 silent, 1 one line with the removed blocks and the parameters before and after, 2 also every
-            score vector (criterion and components, once each).
+        **kwargs: ``at_epoch``, ``calibration``, ``calibration_batches``, ``verbose`` (0 silent, 1 one line with the
+            removed blocks and the parameters before and after, 2 also every score vector): see
+            :class:`~lit_prune.callbacks.PruningCallback`.
 
     Raises:
-        MisconfigurationException: for an unknown criterion, both or neither of ``num_layers`` and ``amount``,
-            values out of range; in ``setup``: ``protect`` out of range or more blocks asked than unprotected.
+        MisconfigurationException: for any option :class:`~lit_prune.criteria.depth_config.DepthConfig` refuses (an
+            unknown criterion or member of ``consensus_of`` / ``reversed_of``, values out of range), for both or
+            neither of ``num_layers`` and ``amount``; in ``setup``: ``protect`` out of range or more blocks asked
+            than unprotected.
 
     Example::
 
@@ -81,48 +71,42 @@ class DepthPruning(PruningCallback):
 
     def __init__(
         self,
-        criterion: DepthCriterion = "bi",
-        num_layers: int | None = None,
-        amount: float | None = None,
-        protect: Sequence[int] = (),
-        consensus_of: Sequence[str] = ONE_PASS,
-        reversed_of: str = "bi",
-        seed: int = 0,
-        at_epoch: int | None = None,
-        calibration: DataLoader | None = None,
-        calibration_batches: int | None = None,
-        verbose: int = 1,
+        criterion: DepthCriterion = DepthConfig.criterion,
+        num_layers: int | None = DepthConfig.num_layers,
+        amount: float | None = DepthConfig.amount,
+        protect: Sequence[int] = DepthConfig.protect,
+        consensus_of: Sequence[str] = DepthConfig.consensus_of,
+        reversed_of: str = DepthConfig.reversed_of,
+        seed: int = DepthConfig.seed,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(at_epoch, calibration, calibration_batches, verbose)
-        try:
-            registry.criterion("depth", criterion)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
-        allowed = registry.names("depth", composite=False)
-        for name, members in (("consensus_of", list(consensus_of)), ("reversed_of", [reversed_of])):
-            if not members or any(c not in allowed for c in members):
-                raise MisconfigurationException(f"`{name}` must name criteria from {list(allowed)}, got {members!r}")
-        if (num_layers is None) == (amount is None):
-            raise MisconfigurationException(
-                f"Give exactly one of `num_layers` and `amount`, got num_layers={num_layers!r}, amount={amount!r}"
-            )
-        bad_count = isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1
-        if num_layers is not None and bad_count:
-            raise MisconfigurationException(f"`num_layers` must be an int >= 1, got {num_layers!r}")
-        if amount is not None and not 0.0 < amount < 1.0:
-            raise MisconfigurationException(f"`amount` must be a fraction of the blocks in (0, 1), got {amount!r}")
-        bad_protect = [p for p in protect if isinstance(p, bool) or not isinstance(p, int) or p < 0]
-        if bad_protect:
-            raise MisconfigurationException(f"`protect` must hold block indices >= 0, got {list(protect)!r}")
-        self.criterion = criterion
-        self.num_layers = num_layers
-        self.amount = amount
-        self.protect = tuple(sorted(set(protect)))
-        self.consensus_of = tuple(consensus_of)
-        self.reversed_of = reversed_of
-        self.seed = seed
+        super().__init__(**kwargs)
+        config = DepthConfig.for_callback(
+            criterion=criterion,
+            num_layers=num_layers,
+            amount=amount,
+            protect=tuple(protect),
+            consensus_of=tuple(consensus_of),
+            reversed_of=reversed_of,
+            seed=seed,
+        )
+        message = config.count_error()  # scoring alone needs no count, removing blocks does
+        if message is not None:
+            raise MisconfigurationException(message)
+        self.config = config
+        """The validated options (:class:`~lit_prune.criteria.depth_config.DepthConfig`) every pruning step uses."""
         self.last_scores: dict[str, torch.Tensor] = {}
         """Every score the last pruning step computed (criterion and its components), one value per block."""
+
+    @property
+    def criterion(self) -> str:
+        """The depth criterion (``config.criterion``)."""
+        return self.config.criterion
+
+    @property
+    def num_layers(self) -> int | None:
+        """How many blocks to remove, or None with ``amount`` (``config.num_layers``)."""
+        return self.config.num_layers
 
     @property
     def state_key(self) -> str:
@@ -131,26 +115,24 @@ class DepthPruning(PruningCallback):
 
     def num_to_remove(self, num_blocks: int) -> int:
         """Blocks this callback removes from a model with ``num_blocks`` blocks."""
-        if self.num_layers is not None:
-            return self.num_layers
-        assert self.amount is not None
-        return max(1, round(self.amount * num_blocks))
+        return self.config.num_to_remove(num_blocks)
 
     @override
     def check_model(self, pl_module: pl.LightningModule) -> None:
         model = unwrap(pl_module)
         num_blocks = adapter_for(model).num_blocks(model)
-        out_of_range = [p for p in self.protect if p >= num_blocks]
+        protect = self.config.protect
+        out_of_range = [p for p in protect if p >= num_blocks]
         if out_of_range:
             raise MisconfigurationException(
                 f"DepthPruning `protect` indices {out_of_range} are out of range: the model has {num_blocks} blocks "
                 f"(0..{num_blocks - 1})"
             )
         k = self.num_to_remove(num_blocks)
-        free = num_blocks - len(self.protect)
+        free = num_blocks - len(protect)
         if k > free or k >= num_blocks:
             raise MisconfigurationException(
-                f"DepthPruning cannot remove {k} blocks: the model has {num_blocks} blocks, {len(self.protect)} "
+                f"DepthPruning cannot remove {k} blocks: the model has {num_blocks} blocks, {len(protect)} "
                 f"protected, and at least one must remain"
             )
 
@@ -171,33 +153,31 @@ class DepthPruning(PruningCallback):
         num_blocks = adapter_for(model).num_blocks(model)
         k = self.num_to_remove(num_blocks)
         start = time.perf_counter()
+        cfg = self.config
         scores = score_blocks(
             model,
             calibration,
-            self.criterion,
-            consensus_of=self.consensus_of,
-            reversed_of=self.reversed_of,
+            config=cfg,
             n=k,
-            seed=self.seed,
             max_batches=self.calibration_batches,
             progress=self.verbose > 0,
         )
         seconds = time.perf_counter() - start
         self.last_scores = scores
-        from_data = self.criterion != "random" and not (self.criterion == "reversed" and self.reversed_of == "random")
+        from_data = cfg.criterion != "random" and not (cfg.criterion == "reversed" and cfg.reversed_of == "random")
         windows = count_windows(calibration, self.calibration_batches, _device(model)) if from_data else None
         plan = make_depth_plan(
             model,
-            scores[self.criterion],
+            scores[cfg.criterion],
             num_remove=k,
-            protect=self.protect,
-            method=f"depth:{self.criterion}",
+            config=cfg,
+            method=f"depth:{cfg.criterion}",
             meta={
-                "criterion": self.criterion,
-                "consensus_of": list(self.consensus_of),
-                "reversed_of": self.reversed_of,
-                "seed": self.seed,
-                "protect": list(self.protect),
+                "criterion": cfg.criterion,
+                "consensus_of": list(cfg.consensus_of),
+                "reversed_of": cfg.reversed_of,
+                "seed": cfg.seed,
+                "protect": list(cfg.protect),
                 "calibration_batches": self.calibration_batches,
                 "scoring_seconds": seconds,
                 "component_scores": {name: s.tolist() for name, s in scores.items()},

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lit_prune import loading  # the module, so a patched `loading.load_model` is the one called
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback, output_folder, rebuild_after_surgery
 from lit_prune.io import save_pretrained
@@ -37,7 +38,6 @@ from lit_prune.recovery.distill import Distillation, freeze, frozen_copy
 from lit_prune.recovery.lora import (
     LoRASpec,
     attach_to_module,
-    check_lora_args,
     check_spec,
     is_lora,
     lora_param_count,
@@ -88,9 +88,9 @@ class LoRA(Callback):
 
     def __init__(
         self,
-        r: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.05,
+        r: int = LoRASpec.r,
+        alpha: float = LoRASpec.alpha,
+        dropout: float = LoRASpec.dropout,
         target_modules: Sequence[str] | None = None,
         layers: Sequence[int] | None = None,
         distill: bool = False,
@@ -104,15 +104,10 @@ class LoRA(Callback):
         verbose: int = 1,
     ) -> None:
         try:
-            check_lora_args(r, alpha, dropout, target_modules)
+            # lists from YAML: LoRASpec checks them and stores tuples
+            spec = LoRASpec(r, alpha, dropout, target_modules, layers)  # type: ignore[arg-type]
         except ValueError as err:
             raise MisconfigurationException(f"{type(self).__name__}: {err}") from None
-        if layers is not None and (
-            not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
-        ):
-            raise MisconfigurationException(
-                f"`layers` must be None or a non-empty list of block indices, got {layers!r}"
-            )
         if not distill_alpha >= 0:
             raise MisconfigurationException(f"`distill_alpha` must be >= 0, got {distill_alpha!r}")
         if not temperature > 0:
@@ -121,11 +116,11 @@ class LoRA(Callback):
             raise MisconfigurationException("`teacher` is only used with `distill=True`; set it or drop `teacher`")
         if verbose not in (0, 1, 2):
             raise MisconfigurationException(f"`verbose` must be 0, 1 or 2, got {verbose!r}")
-        self.r = r
-        self.alpha = alpha
-        self.dropout = dropout
-        self.target_modules = None if target_modules is None else tuple(target_modules)
-        self.layers = None if layers is None else tuple(sorted(set(layers)))
+        self.r = spec.r
+        self.alpha = spec.alpha
+        self.dropout = spec.dropout
+        self.target_modules = spec.target_modules
+        self.layers = None if spec.layers is None else tuple(sorted(set(spec.layers)))
         self.distill = distill
         self.distill_alpha = distill_alpha
         self.temperature = temperature
@@ -217,10 +212,8 @@ class LoRA(Callback):
         if self.teacher is None:
             teacher = frozen_copy(student)
         elif isinstance(self.teacher, str):
-            from lit_prune.loading import load_model
-
             dtype = str(next(student.parameters()).dtype).removeprefix("torch.")
-            teacher = freeze(load_model(self.teacher, dtype=dtype))  # loaded for us: no copy needed
+            teacher = freeze(loading.load_model(self.teacher, dtype=dtype))  # loaded for us: no copy needed
         else:
             teacher = frozen_copy(self.teacher)
         if self.verbose:
@@ -373,9 +366,9 @@ class CKALoRA(LoRA):
         ratio: fraction of the blocks that get adapters (floor(ratio · L) blocks, at least one).
         n_samples: rows used for CKA.
         calibration: a DataLoader to take them from; None = the training data.
-        r, alpha, dropout, target_modules, distill, distill_alpha, temperature, teacher, teacher_device,
-        merge_at_end, save_model, save_adapter, verbose: as in :class:`LoRA` (the blocks are chosen by CKA, so
-            there is no ``layers``).
+        **kwargs: ``r``, ``alpha``, ``dropout``, ``target_modules``, ``distill``, ``distill_alpha``,
+            ``temperature``, ``teacher``, ``teacher_device``, ``merge_at_end``, ``save_model``, ``save_adapter``,
+            ``verbose``: as in :class:`LoRA` (the blocks are chosen by CKA, so there is no ``layers``).
 
     Raises:
         MisconfigurationException: for ``ratio`` outside (0, 1], ``n_samples`` < 1, the :class:`LoRA` errors, or (in
@@ -393,36 +386,11 @@ class CKALoRA(LoRA):
         ratio: float = 0.5,
         n_samples: int = 128,
         calibration: DataLoader | None = None,
-        r: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.05,
-        target_modules: Sequence[str] | None = None,
-        distill: bool = False,
-        distill_alpha: float = 1.0,
-        temperature: float = 1.0,
-        teacher: Any = None,
-        teacher_device: str | None = None,
-        merge_at_end: bool = True,
-        save_model: bool = True,
-        save_adapter: bool = False,
-        verbose: int = 1,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            r=r,
-            alpha=alpha,
-            dropout=dropout,
-            target_modules=target_modules,
-            layers=None,
-            distill=distill,
-            distill_alpha=distill_alpha,
-            temperature=temperature,
-            teacher=teacher,
-            teacher_device=teacher_device,
-            merge_at_end=merge_at_end,
-            save_model=save_model,
-            save_adapter=save_adapter,
-            verbose=verbose,
-        )
+        if "layers" in kwargs:
+            raise TypeError("CKALoRA got an unexpected keyword argument 'layers': CKA chooses the blocks (see `ratio`)")
+        super().__init__(layers=None, **kwargs)
         if not 0.0 < ratio <= 1.0:
             raise MisconfigurationException(f"`ratio` must be in (0, 1], got {ratio!r}")
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:

@@ -24,11 +24,10 @@ from lit_prune.callbacks.base import (
     rebuild_after_surgery,
     warn_small_calibration,
 )
-from lit_prune.callbacks.width import WidthCriterion
-from lit_prune.criteria import registry
+from lit_prune.criteria.width_config import GQAMode, WidthCriterion
 from lit_prune.io import save_pretrained
-from lit_prune.mop.proxy import PROXIES
-from lit_prune.mop.search import DEPTH, MOP_DEPTH_CRITERIA, WIDTH, MoPSearch, MoPStep
+from lit_prune.mop.config import DEFAULT_PROXY, DEPTH, MoPConfig, Proxy
+from lit_prune.mop.search import MoPSearch, MoPStep
 from lit_prune.plan import PruningPlan
 from lit_prune.recovery.lora import merged_copy
 
@@ -40,7 +39,8 @@ CSV_FIELDS = ("step", "branch", "params_before", "params_after", "proxy_depth", 
 class MixtureOfPruners(PruningCallback):
     """Prune ``target`` of all parameters by MoP: each step removes a block or heads + neurons, the proxy's choice.
 
-    The search itself is :class:`lit_prune.mop.MoPSearch`.
+    The search itself is :class:`lit_prune.mop.MoPSearch`; the options it shares with this callback and their
+    defaults are those of :class:`~lit_prune.mop.config.MoPConfig`, built into :attr:`config`.
 
     Schedule: the first step runs on fit start (or at the start of ``at_epoch``). With
     ``recover_epochs_between_steps=0`` every step runs there, back to back (one shot); with ``k > 0`` one step runs
@@ -65,79 +65,49 @@ class MixtureOfPruners(PruningCallback):
         decisions: replay this decision string (``L`` depth, ``G`` width per step) instead of searching.
         seed: seed of the ``random`` proxy.
         save_model: save the final model to ``mop-final/`` next to the checkpoints.
-        at_epoch: the epoch of the first step; None: fit start.
-        calibration: held-out calibration windows; None uses the datamodule's ``calibration_dataloader()``.
-        calibration_batches: use at most this many calibration batches.
-        verbose: 0 silent, 1 one line per step (what was removed, both proxies, parameters before and after) and
-            one when MoP finishes (where the plans went).
+        **kwargs: ``at_epoch`` (the epoch of the first step), ``calibration`` (held-out windows),
+            ``calibration_batches``, ``verbose`` (0 silent, 1 one line per step and one when MoP finishes): see
+            :class:`~lit_prune.callbacks.PruningCallback`.
 
     Raises:
-        MisconfigurationException: for an unknown proxy, criterion or gqa mode, a target outside (0, 1), a negative
-            ``recover_epochs_between_steps``, or a decision string with letters other than ``L`` and ``G``.
+        MisconfigurationException: for any option :class:`~lit_prune.mop.config.MoPConfig` refuses (an unknown
+            proxy, criterion or gqa mode, a target outside (0, 1), a decision string with letters other than ``L``
+            and ``G``, ``round_to`` < 1), or a negative ``recover_epochs_between_steps``.
     """
 
     name = "mop"
 
     def __init__(
         self,
-        target: float = 0.25,
-        proxy: str = "ppl",
-        depth_criterion: str = "bi",
-        width_criterion: WidthCriterion = "amp",
-        gqa: str = "query",
-        round_to: int = 1,
+        target: float = MoPConfig.target,
+        proxy: Proxy = DEFAULT_PROXY,
+        depth_criterion: str = MoPConfig.depth_criterion,
+        width_criterion: WidthCriterion = MoPConfig.width_criterion,
+        gqa: GQAMode = MoPConfig.gqa,
+        round_to: int = MoPConfig.round_to,
         recover_epochs_between_steps: int = 0,
-        decisions: str | None = None,
-        seed: int = 0,
+        decisions: str | None = MoPConfig.decisions,
+        seed: int = MoPConfig.seed,
         save_model: bool = True,
-        at_epoch: int | None = None,
-        calibration: DataLoader | None = None,
-        calibration_batches: int | None = None,
-        verbose: int = 1,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(at_epoch, calibration, calibration_batches, verbose)
-        checks = [
-            (proxy in PROXIES, f"`proxy` must be one of {list(PROXIES)}, got {proxy!r}"),
-            (
-                depth_criterion in MOP_DEPTH_CRITERIA,
-                f"`depth_criterion` must be one of {list(MOP_DEPTH_CRITERIA)}, got {depth_criterion!r}",
-            ),
-            (
-                width_criterion in registry.names("width"),
-                f"`width_criterion` must be one of {list(registry.names('width'))}, got {width_criterion!r}",
-            ),
-            (gqa in ("query", "group"), f"`gqa` must be one of ['query', 'group'], got {gqa!r}"),
-            (
-                not isinstance(target, bool) and isinstance(target, (int, float)) and 0.0 < float(target) < 1.0,
-                f"`target` must be a fraction of all parameters in (0, 1), got {target!r}",
-            ),
-            (
-                not isinstance(recover_epochs_between_steps, bool)
-                and isinstance(recover_epochs_between_steps, int)
-                and recover_epochs_between_steps >= 0,
-                f"`recover_epochs_between_steps` must be an int >= 0, got {recover_epochs_between_steps!r}",
-            ),
-            (
-                decisions is None or (isinstance(decisions, str) and not set(decisions) - {DEPTH, WIDTH}),
-                f"`decisions` must be a string of 'L' (depth) and 'G' (width), got {decisions!r}",
-            ),
-            (
-                not isinstance(round_to, bool) and isinstance(round_to, int) and round_to >= 1,
-                f"`round_to` must be an int >= 1, got {round_to!r}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise MisconfigurationException(message)
-        self.target = float(target)
-        self.proxy = proxy
-        self.depth_criterion = depth_criterion
-        self.width_criterion = width_criterion
-        self.gqa = gqa
-        self.round_to = round_to
+        super().__init__(**kwargs)
+        config = MoPConfig.for_callback(
+            target=target,
+            proxy=proxy,
+            depth_criterion=depth_criterion,
+            width_criterion=width_criterion,
+            gqa=gqa,
+            round_to=round_to,
+            decisions=decisions,
+            seed=seed,
+        )
+        epochs = recover_epochs_between_steps
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise MisconfigurationException(f"`recover_epochs_between_steps` must be an int >= 0, got {epochs!r}")
+        self.config = config
+        """The validated search options (:class:`~lit_prune.mop.config.MoPConfig`)."""
         self.recover_epochs = recover_epochs_between_steps
-        self.decisions = decisions
-        self.seed = seed
         self.save_model = save_model
         self.trajectory: list[dict[str, Any]] = []
         """Every step so far, as dicts (kept in the checkpoint)."""
@@ -148,6 +118,21 @@ class MixtureOfPruners(PruningCallback):
         resumed run measures against the same dense model (for ``kl``: tokens × vocab × 2 bytes)."""
         self._written_to: Path | None = None
         """The folder the plans and ``mop-trajectory.csv`` are written to (named once, when MoP finishes)."""
+
+    @property
+    def target(self) -> float:
+        """Fraction of all parameters to remove (``config.target``)."""
+        return self.config.target
+
+    @property
+    def proxy(self) -> str:
+        """The proxy that compares the candidates (``config.proxy``)."""
+        return str(self.config.proxy)
+
+    @property
+    def width_criterion(self) -> str:
+        """How the width candidate is chosen (``config.width_criterion``)."""
+        return self.config.width_criterion
 
     @property
     def state_key(self) -> str:
@@ -192,14 +177,7 @@ class MixtureOfPruners(PruningCallback):
             self._search = MoPSearch(
                 unwrap(pl_module),
                 calibration if self.calibration_batches is None else list(calibration)[: self.calibration_batches],
-                self.target,
-                proxy=self.proxy,
-                depth_criterion=self.depth_criterion,
-                width_criterion=self.width_criterion,
-                gqa=self.gqa,
-                round_to=self.round_to,
-                decisions=self.decisions,
-                seed=self.seed,
+                config=self.config,
                 apply=record if callable(record) else None,
                 progress=False,  # the callback reports each step once, on rank 0
                 reference=self._reference,
@@ -207,7 +185,7 @@ class MixtureOfPruners(PruningCallback):
             self._reference = self._search.reference or None
             device = next(self._search.hf_model.parameters()).device
             windows = count_windows(calibration, self.calibration_batches, device)
-            what = f"its candidates ({self.depth_criterion} / {self.width_criterion} scores, proxy)"
+            what = f"its candidates ({self.config.depth_criterion} / {self.width_criterion} scores, proxy)"
             warn_small_calibration("MixtureOfPruners", windows, what)
             if self.trajectory:
                 self._search.resume_from(self.trajectory)

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lit_prune.callbacks.base import PruningCallback, output_folder
+from lit_prune.callbacks.base import output_folder
 from lit_prune.datamodules import TextDataModule
 from lit_prune.eval.summary import EvalSummary, evaluate_model
 from lit_prune.eval.zeroshot import zero_shot
@@ -63,6 +63,9 @@ class PruningReport(Callback):
 
         trainer = pl.Trainer(callbacks=[MixtureOfPruners(target=0.25), PruningReport(tasks=["piqa"], limit=100)])
     """
+
+    writes_report: ClassVar[bool] = True
+    """Tells the pruning callbacks that this callback writes ``report.md`` (so they do not, see ``PruningCallback``)."""
 
     def __init__(
         self,
@@ -190,30 +193,6 @@ class PruningReport(Callback):
         if self.max_windows is not None:
             windows = windows[: self.max_windows]
         return windows, str(data.val_path or data.path)
-
-
-def report_after_fit(trainer: pl.Trainer, caller: PruningCallback) -> Path | None:
-    """Write ``report.md`` once per fit, from the last pruning callback, unless a :class:`PruningReport` will.
-
-    A failure to draw or write is logged, never raised: the fit itself succeeded.
-    """
-    callbacks = list(getattr(trainer, "callbacks", []))
-    if any(isinstance(cb, PruningReport) for cb in callbacks):
-        return None
-    pruning = [cb for cb in callbacks if isinstance(cb, PruningCallback)]
-    if not pruning or pruning[-1] is not caller or not any(cb.plans for cb in pruning):
-        return None
-    folder = output_folder(trainer)  # a collective under DDP: every rank calls it
-    if not trainer.is_global_zero:
-        return None
-    try:
-        path = write_report(folder)
-    except (OSError, ValueError, RuntimeError) as err:
-        rank_zero_warn(f"Could not write the pruning report into {folder}: {err}")
-        return None
-    if caller.verbose:
-        rank_zero_info(f"{type(caller).__name__}: wrote the pruning report {path}")
-    return path
 
 
 def _json_ready(summary: EvalSummary) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -14,11 +14,12 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lit_prune.allocation.sparsity import DSA_PAPER_FUNCTION
-from lit_prune.arch import adapter_for, unwrap
+from lit_prune.arch import adapter_for, block_linears, unwrap
 from lit_prune.callbacks.base import PruningCallback
 from lit_prune.plan import PruningPlan
-from lit_prune.sparse.masks import MASK_BUFFER, apply_masks, block_linears, restore_masks_on_load
-from lit_prune.sparse.prune import Allocation, SparseCriterion, SparsityResult, check_sparse_options, prune_sparse
+from lit_prune.sparse.config import Allocation, Protocol, SparseCriterion, SparsityConfig
+from lit_prune.sparse.masks import MASK_BUFFER, apply_masks, restore_masks_on_load
+from lit_prune.sparse.prune import SparsityResult, prune_sparse
 from lit_prune.sparse.report import sparsity_report
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,18 @@ class SparsityPruning(PruningCallback):
     Lifecycle: ``setup`` validates the model (nothing modified on error); ``on_fit_start`` (or the start of epoch
     ``at_epoch``) merges LoRA adapters if any, runs :func:`lit_prune.sparse.prune.prune_sparse` on the calibration
     batches (statistics summed over DDP ranks, so every rank computes the same masks), stores the keep masks as
-    ``weight_mask`` buffers, rebuilds the DDP wrapper and optimizers, writes the plan JSON (per-block sparsity in its
-    ``meta``) and logs ``sparsity/overall`` and ``sparsity/block_XX``. During training, gradients of pruned weights
+    ``weight_mask`` buffers, rebuilds the DDP wrapper and optimizers, writes the plan JSON and logs
+    ``sparsity/overall`` and ``sparsity/block_XX``. The plan's ``sparsity`` record holds :attr:`config`, a digest of
+    the calibration tokens, the sparsity every Linear reached and a digest of the masks, so ``lit-prune prune --plan``
+    (:func:`lit_prune.surgery.apply_plan`) re-computes the same masks on the same calibration; per-block sparsity is
+    in its ``meta``. During training, gradients of pruned weights
     are zeroed after ``backward`` and the masks are re-applied after every batch, so no pruned weight comes back;
     LoRA adapters attached later are merged with the masks re-applied (exact sparsity), and ``save_pretrained``
     folds the masks into the weights. Checkpoints carry the masks; :class:`~lit_prune.CausalLMModule` recreates them
     on load.
+
+    The options and their defaults are those of :class:`~lit_prune.sparse.config.SparsityConfig` (shared with
+    :func:`~lit_prune.sparse.prune_sparse`), built into :attr:`config`.
 
     Args:
         criterion: ``magnitude`` (|W| per layer), ``wanda`` (|W|·‖X_j‖ per output row) or ``sparsegpt`` (OBS mask and
@@ -46,22 +53,22 @@ class SparsityPruning(PruningCallback):
         n_m: ``"2:4"`` / ``"4:8"`` (N zeros in every M consecutive inputs of a row), or None for unstructured.
         allocation: ``uniform``, ``owl``, ``linear_map`` (of ``layer_scores``) or ``dsa`` (of ``dsa_function``).
         protocol: ``sequential`` (block by block on the pruned blocks' outputs) or ``one_shot`` (dense statistics).
-        trim: refine each layer's count into per-row counts (TRIM).
-        owl_m: OWL's outlier threshold ``M``.
-        lam: OWL / DSA band half-width λ.
-        eps: ``linear_map``'s relative band ε.
+        trim: refine each layer's count into per-row counts (TRIM; the config's ``trim_rows``).
+        owl_m: OWL's outlier threshold ``M`` (> 0).
+        lam: OWL / DSA band half-width λ, in [0, 1).
+        eps: ``linear_map``'s relative band ε, in [0, 1).
         layer_scores: per-block scores for ``linear_map`` (higher = sparser).
         dsa_function: DSA allocation function, e.g. ``"log|log|abs|geomean|cos|exp"``.
         blocksize: SparseGPT's column block.
-        percdamp: SparseGPT's relative damping.
-        at_epoch: prune at the start of this epoch; None prunes on fit start.
-        calibration: a DataLoader of calibration batches; None uses the datamodule's ``calibration_dataloader()``.
-        calibration_batches: use at most this many calibration batches.
-        verbose: 0 silent, 1 log the achieved sparsity, 2 also every block's.
+        percdamp: SparseGPT's relative damping (>= 0).
+        **kwargs: ``at_epoch``, ``calibration``, ``calibration_batches``, ``verbose`` (0 silent, 1 log the achieved
+            sparsity, 2 also every block's): see :class:`~lit_prune.callbacks.PruningCallback`.
 
     Raises:
-        MisconfigurationException: for an unknown criterion, allocation or protocol, a sparsity outside (0, 1), a bad
-            ``n_m``, N:M with a non-uniform allocation or TRIM, or ``linear_map`` without ``layer_scores``.
+        MisconfigurationException: for any option :class:`~lit_prune.sparse.config.SparsityConfig` refuses (an
+            unknown criterion, allocation or protocol, a sparsity outside (0, 1), a bad ``n_m``, N:M with a
+            non-uniform allocation or TRIM, ``linear_map`` without ``layer_scores``, a constant out of range), or
+            one :class:`~lit_prune.callbacks.PruningCallback` refuses.
 
     Example::
 
@@ -73,50 +80,53 @@ class SparsityPruning(PruningCallback):
 
     def __init__(
         self,
-        criterion: SparseCriterion = "wanda",
-        sparsity: float = 0.5,
+        criterion: SparseCriterion = SparsityConfig.criterion,
+        sparsity: float = SparsityConfig.sparsity,
         n_m: str | None = None,
-        allocation: Allocation = "uniform",
-        protocol: Literal["sequential", "one_shot"] = "sequential",
-        trim: bool = False,
-        owl_m: float = 5.0,
-        lam: float = 0.08,
-        eps: float = 0.2,
+        allocation: Allocation = SparsityConfig.allocation,
+        protocol: Protocol = SparsityConfig.protocol,
+        trim: bool = SparsityConfig.trim_rows,
+        owl_m: float = SparsityConfig.owl_m,
+        lam: float = SparsityConfig.lam,
+        eps: float = SparsityConfig.eps,
         layer_scores: Sequence[float] | None = None,
         dsa_function: str = DSA_PAPER_FUNCTION,
-        blocksize: int = 128,
-        percdamp: float = 0.01,
-        at_epoch: int | None = None,
-        calibration: DataLoader | None = None,
-        calibration_batches: int | None = None,
-        verbose: int = 1,
+        blocksize: int = SparsityConfig.blocksize,
+        percdamp: float = SparsityConfig.percdamp,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(at_epoch, calibration, calibration_batches, verbose)
-        try:
-            self.n_m = check_sparse_options(criterion, sparsity, n_m, allocation, protocol, layer_scores, trim)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
-        self.criterion = criterion
-        self.sparsity = float(sparsity)
-        self.allocation = allocation
-        self.protocol = protocol
-        self.trim = trim
-        self.options: dict[str, Any] = {
-            "owl_m": owl_m,
-            "lam": lam,
-            "eps": eps,
-            "layer_scores": layer_scores,
-            "dsa_function": dsa_function,
-            "blocksize": blocksize,
-            "percdamp": percdamp,
-        }
+        super().__init__(**kwargs)
+        config = SparsityConfig.for_callback(
+            criterion=criterion,
+            sparsity=sparsity,
+            n_m=n_m,
+            allocation=allocation,
+            protocol=protocol,
+            trim_rows=trim,
+            owl_m=owl_m,
+            lam=lam,
+            eps=eps,
+            layer_scores=None if layer_scores is None else tuple(layer_scores),
+            dsa_function=dsa_function,
+            blocksize=blocksize,
+            percdamp=percdamp,
+        )
+        self.config = config
+        """The validated options (:class:`~lit_prune.sparse.config.SparsityConfig`) every pruning step uses."""
         self.last_result: SparsityResult | None = None
         """What the last pruning step did (masks, block ratios, exact counts, seconds)."""
 
     @property
+    def criterion(self) -> str:
+        """The sparse criterion (``config.criterion``)."""
+        return self.config.criterion
+
+    @property
     def state_key(self) -> str:
         """Distinguishes several SparsityPruning callbacks in one checkpoint."""
-        return self._generate_state_key(criterion=self.criterion, sparsity=self.sparsity, at_epoch=self.at_epoch)
+        return self._generate_state_key(
+            criterion=self.criterion, sparsity=float(self.config.sparsity), at_epoch=self.at_epoch
+        )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -135,21 +145,15 @@ class SparsityPruning(PruningCallback):
 
     @override
     def prune(self, pl_module: pl.LightningModule, calibration: DataLoader) -> PruningPlan:
-        """Score, mask (and for SparseGPT update) every block's projections; return a plan recording the result."""
+        """Score, mask (and for SparseGPT update) every block's projections; return a plan recording the result.
+
+        The masks are made by :func:`~lit_prune.sparse.prune.prune_sparse`, the function a replay of the plan
+        (:func:`lit_prune.surgery.apply_plan`) runs again; the plan's ``sparsity`` is its result's ``record``.
+        """
         self.check_model(pl_module)
         model = unwrap(pl_module)
         result = prune_sparse(
-            model,
-            calibration,
-            self.criterion,
-            self.sparsity,
-            n_m=self.n_m,
-            allocation=self.allocation,
-            protocol=self.protocol,
-            trim_rows=self.trim,
-            max_batches=self.calibration_batches,
-            progress=self.verbose > 0,
-            **self.options,
+            model, calibration, config=self.config, max_batches=self.calibration_batches, progress=self.verbose > 0
         )
         self.last_result = result
         report = sparsity_report(model)
@@ -160,6 +164,7 @@ class SparsityPruning(PruningCallback):
             method=f"sparsity:{self.criterion}",
             params_before=total,
             params_after=total,
+            sparsity=result.record,
             meta={
                 **result.meta,
                 "sparsity": report.overall,
@@ -171,9 +176,10 @@ class SparsityPruning(PruningCallback):
             },
         )
         if self.verbose:
+            cfg = self.config
             rank_zero_info(
-                f"SparsityPruning ({self.criterion}, {self.allocation}, {self.protocol}"
-                f"{', TRIM' if self.trim else ''}): {report.zeros:,} of {report.total:,} prunable weights are zero "
+                f"SparsityPruning ({cfg.criterion}, {cfg.allocation}, {cfg.protocol}"
+                f"{', TRIM' if cfg.trim_rows else ''}): {report.zeros:,} of {report.total:,} prunable weights are zero "
                 f"({100 * report.overall:.2f}%) after {result.seconds:.1f} s"
             )
         if self.verbose > 1:

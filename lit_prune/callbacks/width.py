@@ -7,7 +7,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,19 +16,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lit_prune.allocation import check_width_options, make_width_plan
+from lit_prune.allocation import make_width_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback, count_windows, warn_small_calibration
-from lit_prune.criteria import registry
 from lit_prune.criteria.width import WidthScores, random_scores, score_width, width_needs_for
+from lit_prune.criteria.width_config import GQAMode, ParamsOf, WidthAllocation, WidthConfig, WidthCriterion
 from lit_prune.plan import PruningPlan
-from lit_prune.surgery import apply_plan
-from lit_prune.width_surgery import check_width_keep
+from lit_prune.surgery import apply_plan, check_width_keep
 
 log = logging.getLogger(__name__)
-
-WidthCriterion = Literal["amp", "amp_act", "magnitude", "wanda_sp", "random", "reversed"]
-"""The registered width criteria (``registry.names("width")``; a test keeps the two equal)."""
 
 
 class WidthPruning(PruningCallback):
@@ -39,6 +35,10 @@ class WidthPruning(PruningCallback):
     criterion needs (none for ``magnitude`` / ``random``), reduces it across DDP ranks, allocates the budget
     (:func:`lit_prune.allocation.make_width_plan`), cuts the same heads and neurons on every rank, rebuilds the DDP
     wrapper and the optimizers, and writes the plan as JSON next to the checkpoints.
+
+    The options and their defaults are those of :class:`~lit_prune.criteria.width_config.WidthConfig` (shared with
+    :func:`~lit_prune.criteria.width.score_width` and :func:`~lit_prune.allocation.make_width_plan`), built into
+    :attr:`config`.
 
     Args:
         criterion: ``amp`` (mean L1 norm of each head's and neuron's contribution to the block output),
@@ -56,14 +56,13 @@ class WidthPruning(PruningCallback):
             that would go below it is an error, global allocation stops at it).
         reversed_of: the criterion that ``reversed`` negates.
         seed: seed of ``random``.
-        at_epoch: prune at the start of this epoch; None prunes on fit start.
-        calibration: a DataLoader of calibration batches; None uses the datamodule's ``calibration_dataloader()``.
-        calibration_batches: use at most this many calibration batches.
-        verbose: 0 silent, 1 log what was removed, 2 also per-block widths.
+        **kwargs: ``at_epoch``, ``calibration``, ``calibration_batches``, ``verbose`` (0 silent, 1 log what was
+            removed, 2 also per-block widths): see :class:`~lit_prune.callbacks.PruningCallback`.
 
     Raises:
-        MisconfigurationException: for an unknown criterion, gqa mode, allocation or ``of``, and values out of
-            range; in ``setup``: a budget the model cannot meet.
+        MisconfigurationException: for any option :class:`~lit_prune.criteria.width_config.WidthConfig` refuses (an
+            unknown criterion, ``reversed_of``, gqa mode, allocation or ``of``, values out of range); in ``setup``:
+            a budget the model cannot meet.
 
     Example::
 
@@ -75,46 +74,43 @@ class WidthPruning(PruningCallback):
 
     def __init__(
         self,
-        criterion: WidthCriterion = "amp",
-        amount: float | int = 0.2,
-        of: Literal["total", "non_embedding"] = "total",
-        gqa: Literal["query", "group"] = "query",
-        allocation: Literal["uniform", "global"] = "uniform",
-        round_to: int = 1,
-        min_keep: float = 0.1,
-        reversed_of: str = "amp",
-        seed: int = 0,
-        at_epoch: int | None = None,
-        calibration: DataLoader | None = None,
-        calibration_batches: int | None = None,
-        verbose: int = 1,
+        criterion: WidthCriterion = WidthConfig.criterion,
+        amount: float | int = WidthConfig.amount,
+        of: ParamsOf = WidthConfig.of,
+        gqa: GQAMode = WidthConfig.gqa,
+        allocation: WidthAllocation = WidthConfig.allocation,
+        round_to: int = WidthConfig.round_to,
+        min_keep: float = WidthConfig.min_keep,
+        reversed_of: str = WidthConfig.reversed_of,
+        seed: int = WidthConfig.seed,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(at_epoch, calibration, calibration_batches, verbose)
-        try:
-            registry.criterion("width", criterion)
-            registry.members("width", "reversed", {"reversed": reversed_of})  # what `reversed` may negate
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
-        try:
-            check_width_options(amount, of=of, gqa=gqa, allocation=allocation, round_to=round_to, min_keep=min_keep)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from None
-        self.criterion = criterion
-        self.amount = amount
-        self.of = of
-        self.gqa = gqa
-        self.allocation = allocation
-        self.round_to = round_to
-        self.min_keep = min_keep
-        self.reversed_of = reversed_of
-        self.seed = seed
+        super().__init__(**kwargs)
+        config = WidthConfig.for_callback(
+            criterion=criterion,
+            amount=amount,
+            of=of,
+            gqa=gqa,
+            allocation=allocation,
+            round_to=round_to,
+            min_keep=min_keep,
+            reversed_of=reversed_of,
+            seed=seed,
+        )
+        self.config = config
+        """The validated options (:class:`~lit_prune.criteria.width_config.WidthConfig`) every pruning step uses."""
         self.last_scores: WidthScores | None = None
         """The head and neuron scores of the last pruning step."""
 
     @property
+    def criterion(self) -> str:
+        """The width criterion (``config.criterion``)."""
+        return self.config.criterion
+
+    @property
     def state_key(self) -> str:
         """Distinguishes several WidthPruning callbacks in one checkpoint."""
-        return self._generate_state_key(criterion=self.criterion, amount=self.amount, at_epoch=self.at_epoch)
+        return self._generate_state_key(criterion=self.criterion, amount=self.config.amount, at_epoch=self.at_epoch)
 
     @override
     def check_model(self, pl_module: pl.LightningModule) -> None:
@@ -141,17 +137,13 @@ class WidthPruning(PruningCallback):
 
     def plan_for(self, model: torch.nn.Module, scores: WidthScores) -> PruningPlan:
         """The plan this callback's budget and allocation make from ``scores`` (the model is only read)."""
+        cfg = self.config
         return make_width_plan(
             model,
             scores,
-            self.amount,
-            of=self.of,
-            gqa=self.gqa,
-            allocation=self.allocation,
-            round_to=self.round_to,
-            min_keep=self.min_keep,
-            method=f"width:{self.criterion}",
-            meta={"calibration_batches": self.calibration_batches, "seed": self.seed, "reversed_of": self.reversed_of},
+            config=cfg,
+            method=f"width:{cfg.criterion}",
+            meta={"calibration_batches": self.calibration_batches, "seed": cfg.seed, "reversed_of": cfg.reversed_of},
         )
 
     @override
@@ -161,18 +153,13 @@ class WidthPruning(PruningCallback):
         model = unwrap(pl_module)
         start = time.perf_counter()
         scores = score_width(
-            model,
-            calibration,
-            self.criterion,
-            reversed_of=self.reversed_of,
-            seed=self.seed,
-            max_batches=self.calibration_batches,
-            progress=self.verbose > 0,
+            model, calibration, config=self.config, max_batches=self.calibration_batches, progress=self.verbose > 0
         )
         seconds = time.perf_counter() - start
         self.last_scores = scores
         windows = None
-        if width_needs_for(self.criterion, reversed_of=self.reversed_of):  # magnitude / random read no calibration data
+        cfg = self.config
+        if width_needs_for(cfg.criterion, reversed_of=cfg.reversed_of):  # magnitude / random read no calibration data
             windows = count_windows(calibration, self.calibration_batches, next(model.parameters()).device)
             warn_small_calibration("WidthPruning", windows, "the heads and neurons")
         plan = self.plan_for(model, scores)
@@ -187,7 +174,7 @@ class WidthPruning(PruningCallback):
         if self.verbose:
             heads = sum(len(k) for k in (plan.keep_heads or {}).values())
             rank_zero_info(
-                f"WidthPruning ({self.criterion}, gqa={self.gqa}, {self.allocation}): params {plan.params_before:,} -> "
+                f"WidthPruning ({cfg.criterion}, gqa={cfg.gqa}, {cfg.allocation}): params {plan.params_before:,} -> "
                 f"{plan.params_after:,} ({100 * (plan.fraction_removed or 0):.1f}% removed); "
                 f"{len(plan.keep_heads or {})} blocks lost heads ({heads} kept there), "
                 f"{len(plan.keep_neurons or {})} blocks lost neurons; scoring took {seconds:.1f} s"

@@ -1,6 +1,7 @@
 """Importance criteria: pure functions from collected statistics to scores (higher = more important).
 
-Each is registered once in :mod:`lit_prune.criteria.registry` with its name and what it needs.
+Each is registered once in :mod:`lit_prune.criteria.registry` with its name and what it needs. The depth and width
+methods' options live in :mod:`lit_prune.criteria.depth_config` and :mod:`lit_prune.criteria.width_config`.
 """
 
 from lit_prune.criteria.depth import (
@@ -21,6 +22,7 @@ from lit_prune.criteria.depth import (
     reversed_scores,
     score_blocks,
 )
+from lit_prune.criteria.depth_config import DepthConfig
 from lit_prune.criteria.registry import Criterion, ScoreInputs, register_criterion
 from lit_prune.criteria.sparse import (
     SPARSE_CRITERIA,
@@ -44,6 +46,7 @@ from lit_prune.criteria.width import (
 )
 from lit_prune.criteria.width import random_scores as random_width_scores
 from lit_prune.criteria.width import reversed_scores as reversed_width_scores
+from lit_prune.criteria.width_config import WidthConfig
 
 __all__ = [
     "DEPTH_CRITERIA",
@@ -52,7 +55,9 @@ __all__ = [
     "SPARSE_CRITERIA",
     "WIDTH_CRITERIA",
     "Criterion",
+    "DepthConfig",
     "ScoreInputs",
+    "WidthConfig",
     "WidthScores",
     "amp",
     "amp_act",

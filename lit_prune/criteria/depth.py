@@ -17,34 +17,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import islice
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lit_prune.arch import adapter_for
 from lit_prune.criteria import registry
+from lit_prune.criteria.depth_config import ONE_PASS, DepthConfig
 from lit_prune.criteria.registry import ScoreInputs, register_criterion
-from lit_prune.stats import (
-    Batches,
-    CKASums,
-    DepthStats,
-    GlobalStats,
-    collect_depth_statistics,
-    collect_global_statistics,
-)
+from lit_prune.functional.similarity import cka_from_rows, cka_from_sums
+from lit_prune.stats import Batches, CKASums, DepthStats, GlobalStats
+from lit_prune.stats.collect import StatisticsRequest, collect_statistics
+from lit_prune.stats.depth import CKARows
 
 log = logging.getLogger(__name__)
 
-ONE_PASS = ("bi", "angular", "cka")
-"""Criteria computed from one statistics pass; the default members of :func:`consensus`."""
 
-_CONSTANT_RTOL = 1e-10
-"""A centred Gram matrix counts as zero (constant features) below this fraction of the uncentred one's norm."""
-
-
-def _require(value: Tensor | CKASums | None, need: str) -> None:
+def _require(value: Tensor | CKASums | CKARows | None, need: str) -> None:
     """Raise when the statistics lack what a criterion needs."""
     if value is None:
         raise ValueError(f"The statistics have no {need!r} sums; collect them with `needs` including {need!r}")
@@ -132,48 +122,14 @@ def angular_block(stats: DepthStats, n: int) -> Tensor:
     return scores
 
 
-def _cka_from_sums(
-    gram_x: Tensor, gram_y: Tensor, cross: Tensor, sum_x: Tensor, sum_y: Tensor, count: Tensor
-) -> Tensor:
-    """Linear CKA from streaming sums, batched over leading dimensions (float64).
-
-    ``X̃ᵀỸ = XᵀY - n μ_x μ_yᵀ = XᵀY - (Σx)(Σy)ᵀ / n``; ``CKA = ‖X̃ᵀỸ‖²_F / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F)``. Constant features
-    (centred Gram below ``_CONSTANT_RTOL`` of the uncentred one): CKA 1 when both sides are constant, else 0.
-
-    Args:
-        gram_x: ``(..., d, d)`` ``Σ x xᵀ``.
-        gram_y: ``(..., d, d)`` ``Σ y yᵀ``.
-        cross: ``(..., d, d)`` ``Σ x yᵀ``.
-        sum_x: ``(..., d)`` ``Σ x``.
-        sum_y: ``(..., d)`` ``Σ y``.
-        count: ``(...)`` rows ``n``.
-
-    Returns:
-        ``(...)`` CKA in ``[0, 1]``.
-    """
-    gram_x, gram_y, cross, sum_x, sum_y, count = (
-        t.to(torch.float64) for t in (gram_x, gram_y, cross, sum_x, sum_y, count)
-    )
-    if bool((count <= 0).any()):
-        raise ValueError(f"No calibration rows behind the CKA sums (count {count.tolist()})")
-    n = count[..., None, None]
-    centred_x = gram_x - sum_x[..., :, None] * sum_x[..., None, :] / n  # (..., d, d)
-    centred_y = gram_y - sum_y[..., :, None] * sum_y[..., None, :] / n
-    centred_xy = cross - sum_x[..., :, None] * sum_y[..., None, :] / n
-    norm_x = torch.linalg.matrix_norm(centred_x)  # (...)
-    norm_y = torch.linalg.matrix_norm(centred_y)
-    const_x = norm_x <= _CONSTANT_RTOL * torch.linalg.matrix_norm(gram_x)
-    const_y = norm_y <= _CONSTANT_RTOL * torch.linalg.matrix_norm(gram_y)
-    value = centred_xy.pow(2).sum((-2, -1)) / (norm_x * norm_y)
-    degenerate = torch.where(const_x & const_y, 1.0, 0.0).to(torch.float64)
-    return torch.where(const_x | const_y, degenerate, value).clamp(0.0, 1.0)
-
-
 def cka(stats: DepthStats, tokens: Literal["last", "all"] = "last") -> Tensor:
     """``1 - linear CKA(h_i, h_{i+1})`` of each block's input and output features.
 
     Args:
-        stats: reduced sums with ``cka_last`` (``tokens="last"``) or ``cka_all`` (``tokens="all"``).
+        stats: reduced statistics with ``cka_last`` (``tokens="last"``) or ``cka_all`` (``tokens="all"``), either
+            ``d × d`` sums (:class:`~lit_prune.stats.CKASums`, :func:`~lit_prune.functional.similarity.cka_from_sums`)
+            or kept rows (:class:`~lit_prune.stats.depth.CKARows`, the ``n × n`` form
+            :func:`~lit_prune.functional.similarity.cka_from_rows`); both give the same CKA up to rounding.
         tokens: ``"last"``: the last non-pad token of each sample (separates blocks better on real models);
             ``"all"``: every non-pad token.
 
@@ -189,9 +145,14 @@ def cka(stats: DepthStats, tokens: Literal["last", "all"] = "last") -> Tensor:
     sums = stats.cka_last if tokens == "last" else stats.cka_all
     _require(sums, f"cka_{tokens}")
     assert sums is not None
-    similarity = _cka_from_sums(
-        sums.gram[:-1], sums.gram[1:], sums.cross, sums.colsum[:-1], sums.colsum[1:], sums.count
-    )
+    if isinstance(sums, CKARows):  # the n × n form: h_0 .. h_L rows kept
+        if sums.rows.size(1) == 0:
+            raise ValueError("No calibration rows behind the CKA rows (count 0)")
+        similarity = cka_from_rows(sums.rows[:-1], sums.rows[1:])
+    else:  # the d × d form: streamed sums
+        similarity = cka_from_sums(
+            sums.gram[:-1], sums.gram[1:], sums.cross, sums.colsum[:-1], sums.colsum[1:], sums.count
+        )
     return 1.0 - similarity
 
 
@@ -218,7 +179,7 @@ def cka_global(gstats: GlobalStats) -> Tensor:
         raise ValueError("The global statistics have no 'cka' sums; collect them with metric 'cka'")
     c = gstats.cka
     L = gstats.num_blocks
-    similarity = _cka_from_sums(
+    similarity = cka_from_sums(
         c["reference_gram"].expand(L, -1, -1),
         c["gram"],
         c["cross"],
@@ -419,7 +380,7 @@ register_criterion(
     "reversed",
     "depth",
     reversed_scores,
-    of=("bi",),
+    of=(DepthConfig.reversed_of,),
     of_composites=True,
     call=lambda i: reversed_scores(i.scores[i.of[0]]),
     description="the opposite order of `reversed_of` (control)",
@@ -444,12 +405,12 @@ def is_global(name: str) -> bool:
     return name in GLOBAL_CRITERIA
 
 
-def _members(consensus_of: Sequence[str], reversed_of: str) -> dict[str, str | Sequence[str]]:
-    """The members of the composites, as :mod:`~lit_prune.criteria.registry` takes them."""
-    return {"consensus": consensus_of, "reversed": reversed_of}
-
-
-def needs_for(criteria: Iterable[str], *, consensus_of: Sequence[str] = ONE_PASS, reversed_of: str = "bi") -> set[str]:
+def needs_for(
+    criteria: Iterable[str],
+    *,
+    consensus_of: Sequence[str] = DepthConfig.consensus_of,
+    reversed_of: str = DepthConfig.reversed_of,
+) -> set[str]:
     """The :class:`~lit_prune.stats.DepthStatistics` needs of a set of criteria (global ones need none).
 
     Args:
@@ -467,66 +428,83 @@ def needs_for(criteria: Iterable[str], *, consensus_of: Sequence[str] = ONE_PASS
         >>> sorted(needs_for(["consensus"]))
         ['angular', 'bi', 'cka_last']
     """
-    return registry.needs("depth", criteria, _members(consensus_of, reversed_of))
+    return registry.needs("depth", criteria, {"consensus": consensus_of, "reversed": reversed_of})
+
+
+def _config(config: DepthConfig | None, criterion: str | None, options: dict[str, Any]) -> DepthConfig:
+    """``config`` (or the defaults) with ``criterion`` (when given) and ``options`` replaced."""
+    given = {"criterion": criterion} if criterion is not None else {}
+    return DepthConfig.build(config, **given, **options)
 
 
 def scores_from_stats(
     stats: DepthStats,
-    criterion: str,
+    criterion: str | None = None,
     *,
-    consensus_of: Sequence[str] = ONE_PASS,
-    reversed_of: str = "bi",
+    config: DepthConfig | None = None,
     n: int = 1,
-    seed: int = 0,
+    **options: Any,
 ) -> Tensor:
     """The scores of a criterion that needs no global pass, from statistics someone else collected.
 
     For callers that collect :class:`~lit_prune.stats.DepthStats` during another pass (MoP collects them while it
     evaluates a candidate). Use :func:`score_blocks` to collect and score in one call.
 
+    Args:
+        stats: the reduced depth statistics.
+        criterion: the config's ``criterion`` (None: keep the config's, by default ``bi``).
+        config: the options (:class:`~lit_prune.criteria.depth_config.DepthConfig`); None: the defaults.
+        n: the window length of ``angular_block``.
+        **options: any other ``DepthConfig`` field (``consensus_of``, ``reversed_of``, ``seed``, ...).
+
     Raises:
-        ValueError: if the criterion involves a global criterion (``*_global``) or is unknown.
+        ValueError: if the criterion involves a global criterion (``*_global``) or an option is invalid.
+        TypeError: for a keyword that is not a ``DepthConfig`` field.
     """
-    of = _members(consensus_of, reversed_of)
-    glob = [c for c in registry.components("depth", criterion, of) if is_global(c)]
+    cfg = _config(config, criterion, options)
+    glob = [c for c in registry.components("depth", cfg.criterion, cfg.members) if is_global(c)]
     if glob:
-        raise ValueError(f"Criterion {criterion!r} needs a global pass ({glob}); use score_blocks")
-    inputs = ScoreInputs(stats=stats, num_blocks=stats.num_blocks, n=n, seed=seed)
-    scores: Tensor = registry.compute("depth", criterion, inputs, of)[criterion]
+        raise ValueError(f"Criterion {cfg.criterion!r} needs a global pass ({glob}); use score_blocks")
+    inputs = ScoreInputs(stats=stats, num_blocks=stats.num_blocks, n=n, seed=cfg.seed)
+    scores: Tensor = registry.compute("depth", cfg.criterion, inputs, cfg.members)[cfg.criterion]
     return scores.cpu()
 
 
 def score_blocks(
     model: nn.Module,
     batches: Batches,
-    criterion: str,
+    criterion: str | None = None,
     *,
-    consensus_of: Sequence[str] = ONE_PASS,
-    reversed_of: str = "bi",
-    n: int = 1,
-    seed: int = 0,
+    config: DepthConfig | None = None,
+    n: int | None = None,
     max_batches: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    **options: Any,
 ) -> dict[str, Tensor]:
     """Score every block of ``model`` with ``criterion``, collecting what it needs in as few passes as possible.
 
-    One :func:`~lit_prune.stats.collect_depth_statistics` pass serves every one-pass criterion involved, and
-    :func:`~lit_prune.stats.collect_global_statistics` runs only when a global criterion is involved. Under DDP
-    the statistics' ``compute()`` sums them over ranks, so every rank gets the same scores.
+    One :func:`~lit_prune.stats.collect_statistics` pass serves every criterion involved: the depth statistics of
+    the one-pass criteria and, when a global criterion is involved, the per-candidate replay after each batch's
+    forward. Under DDP the statistics are summed over ranks, so every rank gets the same scores.
+
+    The options are a :class:`~lit_prune.criteria.depth_config.DepthConfig` (shared with
+    :class:`~lit_prune.callbacks.DepthPruning`): pass one as ``config``, or its fields as keywords, which replace
+    the config's (or the defaults'), e.g. ``score_blocks(model, batches, "consensus", consensus_of=["bi", "cka"])``.
 
     Args:
         model: a Hugging Face causal LM (or a wrapper around one).
-        batches: calibration batches (see :func:`~lit_prune.stats.collect_depth_statistics`); when both passes
-            run, a one-shot iterator is materialised first (a DataLoader is simply iterated twice).
-        criterion: one of :data:`DEPTH_CRITERIA`.
-        consensus_of: the members of ``consensus`` (default: the one-pass criteria).
-        reversed_of: the criterion that ``reversed`` negates.
-        n: the window length of ``angular_block``.
-        seed: the seed of ``random``.
+        batches: calibration batches (see :func:`~lit_prune.stats.collect_depth_statistics`), iterated once.
+        criterion: the config's ``criterion``, one of :data:`DEPTH_CRITERIA` (None: keep the config's, by default
+            ``bi``).
+        config: the options; None: the defaults.
+        n: the window length of ``angular_block``; None: the config's count of blocks to remove
+            (:meth:`~lit_prune.criteria.depth_config.DepthConfig.num_to_remove`) when it has one, else 1.
         max_batches: use at most this many batches (None: all).
         progress: show progress bars.
         device: where to run; default the model's current device.
+        **options: any other ``DepthConfig`` field: ``consensus_of`` (the members of ``consensus``, default the
+            one-pass criteria), ``reversed_of`` (what ``reversed`` negates), ``seed`` (of ``random``), ...
 
     Returns:
         ``{criterion: scores}`` plus every component score computed on the way (e.g. ``bi``, ``angular`` and
@@ -534,22 +512,26 @@ def score_blocks(
 
     Raises:
         ValueError: if ``criterion``, ``consensus_of``, ``reversed_of`` or ``n`` is invalid, or the batches are.
+        TypeError: for a keyword that is not a ``DepthConfig`` field.
     """
-    of = _members(consensus_of, reversed_of)
-    components = registry.components("depth", criterion, of)
+    cfg = _config(config, criterion, options)
+    of = cfg.members
+    components = registry.components("depth", cfg.criterion, of)
     num_blocks = adapter_for(model).num_blocks(model)
+    if n is None:
+        n = cfg.num_to_remove(num_blocks) if cfg.has_count else 1
     if "angular_block" in components and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= num_blocks):
         raise ValueError(f"`n` must be an int in 1..{num_blocks} (the number of blocks), got {n!r}")
-    needs = registry.needs("depth", criterion, of)
-    global_metrics = registry.needs("depth", criterion, of, global_pass=True)
-    if needs and global_metrics and not isinstance(batches, Tensor) and iter(batches) is batches:
-        batches = list(islice(batches, max_batches))
+    needs = registry.needs("depth", cfg.criterion, of)
+    global_metrics = registry.needs("depth", cfg.criterion, of, global_pass=True)
     stats = gstats = None
-    if needs:
-        stats = collect_depth_statistics(model, batches, needs, max_batches, progress, device).compute()
-    if global_metrics:
-        gstats = collect_global_statistics(model, batches, global_metrics, max_batches, progress, device).compute()
-    inputs = ScoreInputs(stats=stats, global_stats=gstats, num_blocks=num_blocks, n=n, seed=seed)
-    scores: dict[str, Tensor] = {k: v.cpu() for k, v in registry.compute("depth", criterion, inputs, of).items()}
-    log.debug("Depth scores (%s): %s", criterion, {k: [round(v, 4) for v in s.tolist()] for k, s in scores.items()})
+    if needs or global_metrics:
+        request = StatisticsRequest(depth=needs, candidates=global_metrics)
+        collected = collect_statistics(
+            model, batches, request, max_batches=max_batches, progress=progress, device=device
+        )
+        stats, gstats = collected.depth, collected.candidates
+    inputs = ScoreInputs(stats=stats, global_stats=gstats, num_blocks=num_blocks, n=n, seed=cfg.seed)
+    scores: dict[str, Tensor] = {k: v.cpu() for k, v in registry.compute("depth", cfg.criterion, inputs, of).items()}
+    log.debug("Depth scores (%s): %s", cfg.criterion, {k: [round(v, 4) for v in s.tolist()] for k, s in scores.items()})
     return scores

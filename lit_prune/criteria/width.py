@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from lit_prune.arch import AttentionView, MLPView, adapter_for
 from lit_prune.criteria import registry
 from lit_prune.criteria.registry import ScoreInputs, register_criterion
+from lit_prune.criteria.width_config import WidthConfig
 from lit_prune.stats import Batches, WidthStats, collect_width_statistics
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ def _views(model: nn.Module) -> tuple[list[AttentionView], list[MLPView]]:
     return adapter.attentions(model), adapter.mlps(model)
 
 
-def width_needs_for(criterion: str, *, reversed_of: str = "amp") -> set[str]:
+def width_needs_for(criterion: str, *, reversed_of: str = WidthConfig.reversed_of) -> set[str]:
     """The :class:`~lit_prune.stats.WidthStatistics` needs of a criterion (empty for data-free ones).
 
     Args:
@@ -305,7 +307,7 @@ register_criterion(
     "reversed",
     "width",
     reversed_scores,
-    of=("amp",),
+    of=(WidthConfig.reversed_of,),
     of_composites=True,
     call=lambda i: reversed_scores(i.scores[i.of[0]]),
     description="the opposite order of `reversed_of` (control)",
@@ -318,13 +320,13 @@ WIDTH_CRITERIA = registry.names("width")
 def score_width(
     model: nn.Module,
     batches: Batches | None,
-    criterion: str = "amp",
+    criterion: str | None = None,
     *,
-    reversed_of: str = "amp",
-    seed: int = 0,
+    config: WidthConfig | None = None,
     max_batches: int | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
+    **options: Any,
 ) -> WidthScores:
     """Score every query head and MLP neuron of ``model`` with ``criterion``.
 
@@ -332,16 +334,22 @@ def score_width(
     needs (nothing for ``magnitude`` and ``random``, whose ``batches`` may be None). Under DDP the statistics are
     summed over ranks, so every rank gets the same scores (every rank must call this).
 
+    The options are a :class:`~lit_prune.criteria.width_config.WidthConfig` (shared with
+    :class:`~lit_prune.callbacks.WidthPruning` and :func:`~lit_prune.allocation.make_width_plan`): pass one as
+    ``config``, or its fields as keywords, which replace the config's (or the defaults').
+
     Args:
         model: a Hugging Face causal LM (or a PEFT / Lightning wrapper around one).
         batches: calibration batches (see :func:`~lit_prune.stats.collect_width_statistics`); may be None for the
             data-free criteria.
-        criterion: one of :data:`WIDTH_CRITERIA`.
-        reversed_of: the criterion that ``reversed`` negates (any but ``reversed``).
-        seed: the seed of ``random``.
+        criterion: the config's ``criterion``, one of :data:`WIDTH_CRITERIA` (None: keep the config's, by default
+            ``amp``).
+        config: the options; None: the defaults.
         max_batches: use at most this many batches (None: all).
         progress: show a progress bar.
         device: where to run the pass; default the model's current device.
+        **options: any other ``WidthConfig`` field read here: ``reversed_of`` (what ``reversed`` negates, any but
+            ``reversed``), ``seed`` (of ``random``).
 
     Returns:
         Per-block scores, float32 on CPU, higher = more important.
@@ -349,16 +357,18 @@ def score_width(
     Raises:
         ValueError: if ``criterion`` or ``reversed_of`` is unknown, the criterion needs data and ``batches`` is
             None, or the batches are invalid.
+        TypeError: for a keyword that is not a ``WidthConfig`` field.
     """
-    of = {"reversed": reversed_of}
+    cfg = WidthConfig.build(config, **({"criterion": criterion} if criterion is not None else {}), **options)
+    criterion, of = cfg.criterion, {"reversed": cfg.reversed_of}
     needs = registry.needs("width", criterion, of)
     stats = None
     if needs:
         if batches is None:
-            base = reversed_of if criterion == "reversed" else criterion
+            base = cfg.reversed_of if criterion == "reversed" else criterion
             raise ValueError(f"Criterion {base!r} needs calibration `batches`, got None")
         stats = collect_width_statistics(model, batches, needs, max_batches, progress, device)
-    inputs = ScoreInputs(stats=stats, model=model, seed=seed)
+    inputs = ScoreInputs(stats=stats, model=model, seed=cfg.seed)
     scores: WidthScores = registry.compute("width", criterion, inputs, of)[criterion]
     log.debug(
         "Width scores (%s) of %d blocks: %d heads, %d neurons",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_prune.functional.perplexity import IGNORE_INDEX
+from lit_prune.functional.similarity import token_kl
 
 
 def next_token_kl(
@@ -19,7 +20,8 @@ def next_token_kl(
 
     Position t predicts token t+1 (as in :func:`~lit_prune.functional.next_token_nll`), so the logits at t count
     when ``labels[:, t+1] != ignore_index``. Both distributions are softened by ``temperature`` and the KL is
-    scaled by ``temperature²`` (Hinton et al.), which keeps its gradient on the scale of the CE loss.
+    scaled by ``temperature²`` (Hinton et al.), which keeps its gradient on the scale of the CE loss. The per-position
+    KL is :func:`~lit_prune.functional.similarity.token_kl`.
 
     Args:
         student_logits: ``(B, T, V)``.
@@ -47,7 +49,6 @@ def next_token_kl(
     keep = labels[:, 1:] != ignore_index  # (B, T-1)
     student = student_logits[:, :-1][keep].float() / temperature  # (N, V)
     teacher = teacher_logits[:, :-1][keep].float() / temperature  # (N, V)
-    log_p_student = F.log_softmax(student, dim=-1)
     log_p_teacher = F.log_softmax(teacher, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum") * temperature**2
+    kl = token_kl(log_p_teacher, student).sum() * temperature**2  # (N,) per position, then their sum
     return kl, keep.sum()

@@ -16,6 +16,7 @@ from torch import nn
 
 from lit_prune.arch import Projection, adapter_for
 from lit_prune.stats.hooks import Hooks
+from lit_prune.surgery.depth import PER_LAYER_CONFIG_ATTRS
 
 
 @contextlib.contextmanager
@@ -26,14 +27,12 @@ def skipping_block(model: nn.Module, index: int) -> Iterator[None]:
     (``layer_types`` of sliding-window models, ...) and ``num_hidden_layers`` lose the block's entry, as surgery
     would make them; all is restored on exit. ``layer_idx`` values are stale inside: use ``use_cache=False``.
     """
-    from lit_prune.surgery import PER_LAYER_CONFIG_ATTRS, _text_config
-
     adapter = adapter_for(model)
     decoder = adapter.decoder(model)
     blocks = adapter.blocks(model)
     if not 0 <= index < len(blocks) or len(blocks) < 2:
         raise ValueError(f"Cannot skip block {index} of a model with {len(blocks)} blocks")
-    cfg = _text_config(model)
+    cfg = adapter.config(model)
     saved: dict[str, Any] = {}
     if cfg is not None:
         for attr in ("num_hidden_layers", *PER_LAYER_CONFIG_ATTRS):

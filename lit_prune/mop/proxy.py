@@ -12,15 +12,17 @@ Sums are float64 :class:`LossSums` states reduced across DDP ranks, so every ran
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from lit_prune.arch import adapter_for
 from lit_prune.functional.perplexity import labels_for, next_token_nll
-from lit_prune.stats._common import Batch, _as_inputs
+from lit_prune.functional.similarity import masked_count, masked_sum, token_cosine, token_kl
+from lit_prune.stats._common import Batch
+from lit_prune.stats.engine import Output, run_pass
 
 PROXIES = ("ppl", "kl", "cosine", "random")
 """Every proxy name MoP accepts."""
@@ -48,47 +50,50 @@ class LossSums(Metric):
         return self.total / self.count if self.count > 0 else torch.tensor(float("inf"), dtype=torch.float64)
 
 
-def _forward(model: nn.Module, proxy: str, ids: Tensor, mask: Tensor | None) -> Tensor:
-    """Logits (``ppl``/``kl``) or post-norm final hidden states (``cosine``) of ``model`` on a batch."""
-    if proxy == "cosine":
-        return adapter_for(model).forward_decoder(model, ids, mask).last_hidden_state
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+def proxy_output(proxy: str) -> Output:
+    """What the pass driver must return for ``proxy``: the logits (``ppl``/``kl``) or the final hidden states."""
+    return "hidden" if proxy == "cosine" else "logits"
 
 
-def reference_outputs(model: nn.Module, batches: Sequence[Batch], proxy: str, device: torch.device) -> list[Tensor]:
+def _tensor(output: Any) -> Tensor:
+    """The logits, or the post-norm final hidden states of a decoder output."""
+    return output if isinstance(output, Tensor) else output.last_hidden_state
+
+
+def reference_outputs(model: nn.Module, batches: Sequence[Batch], proxy: str) -> list[Tensor]:
     """What the dense model computes on each batch, for ``kl`` (float16 log-probs) and ``cosine`` (hidden states).
 
-    Returns an empty list for ``ppl`` and ``random``, which need no reference.
+    One :func:`~lit_prune.stats.engine.run_pass`; returns an empty list for ``ppl`` and ``random``, which need no
+    reference.
     """
     if proxy not in ("kl", "cosine"):
         return []
-    out = []
-    with torch.no_grad():
-        for item in batches:
-            ids, mask = _as_inputs(item)
-            mask = None if mask is None else mask.to(device)
-            value = _forward(model, proxy, ids.to(device), mask).float()
-            if proxy == "kl":  # clamped: a float16 -inf would turn 0 * (-inf) into NaN in the KL sum
-                value = F.log_softmax(value, dim=-1).clamp_min(-1e4).half()
-            out.append(value.cpu())  # on the CPU: the accelerator keeps room for the candidates
+    out: list[Tensor] = []
+
+    def keep(hf_model: nn.Module, ids: Tensor, mask: Tensor | None, output: Any) -> None:
+        value = _tensor(output).float()
+        if proxy == "kl":  # clamped: a float16 -inf would turn 0 * (-inf) into NaN in the KL sum
+            value = F.log_softmax(value, dim=-1).clamp_min(-1e4).half()
+        out.append(value.cpu())  # on the CPU: the accelerator keeps room for the candidates
+
+    run_pass(model, batches, {}, on_batch=keep, output=proxy_output(proxy), desc="MoP reference")
     return out
 
 
-def batch_loss(
-    model: nn.Module, item: Batch, proxy: str, reference: Tensor | None, device: torch.device
+def proxy_loss(
+    output: Any, ids: Tensor, mask: Tensor | None, proxy: str, reference: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """``(summed loss, count)`` of ``model`` on one batch under ``proxy`` (``ppl``: summed NLL and tokens)."""
-    ids, mask = _as_inputs(item)
-    ids = ids.to(device)
-    mask = None if mask is None else mask.to(device)
-    out = _forward(model, proxy, ids, mask)
+    """``(summed loss, count)`` of one batch's ``output`` (see :func:`proxy_output`) under ``proxy``.
+
+    ``ppl``: summed next-token NLL and scored tokens; ``kl`` / ``cosine``: summed per-token divergence from the dense
+    ``reference`` of the batch and the non-pad tokens.
+    """
+    out = _tensor(output)
     if proxy == "ppl":
         return next_token_nll(out, labels_for(ids, None, mask))
     assert reference is not None
-    valid = torch.ones(ids.shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
     if proxy == "kl":
-        dense = reference.to(device).float()
-        per_token = (dense.exp() * (dense - F.log_softmax(out.float(), dim=-1))).sum(-1)
+        per_token = token_kl(reference.to(out.device).float(), out)
     else:
-        per_token = 1.0 - F.cosine_similarity(out.float(), reference.to(device).float(), dim=-1)
-    return per_token[valid].double().sum(), valid.sum()
+        per_token = 1.0 - token_cosine(out, reference.to(out.device))
+    return masked_sum(per_token, mask), masked_count(per_token, mask)

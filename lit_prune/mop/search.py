@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import time
@@ -35,34 +36,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lit_prune.allocation import make_width_plan
+from lit_prune.allocation import make_depth_plan, make_width_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.criteria import registry
 from lit_prune.criteria.depth import needs_for, random_scores, scores_from_stats
 from lit_prune.criteria.registry import ScoreInputs
 from lit_prune.criteria.width import WidthScores, width_needs_for
 from lit_prune.eval._common import evaluating, model_device
+from lit_prune.mop.config import DEPTH, WIDTH, MoPConfig, ProxyFn
 from lit_prune.mop.masking import register_width_masks, skipping_block
-from lit_prune.mop.proxy import PROXIES, LossSums, batch_loss, reference_outputs
+from lit_prune.mop.proxy import LossSums, proxy_loss, proxy_output, reference_outputs
 from lit_prune.plan import PruningPlan
-from lit_prune.stats._common import Batch, _as_inputs
+from lit_prune.stats._common import Batch
 from lit_prune.stats.depth import attach_depth_statistics
+from lit_prune.stats.engine import Attach, run_pass
 from lit_prune.stats.hooks import Hooks
 from lit_prune.stats.width import attach_width_statistics
-from lit_prune.surgery import apply_plan, make_depth_plan
+from lit_prune.surgery import apply_plan
 
 log = logging.getLogger(__name__)
-
-DEPTH, WIDTH = "L", "G"
-"""Branch letters of a decision string: ``L`` removes a layer (depth), ``G`` heads and neurons (width)."""
-
-MOP_DEPTH_CRITERIA = (*registry.names("depth", global_pass=False), "position")
-"""Depth criteria MoP scores from the statistics it collects anyway (the registered depth criteria that need no
-per-candidate pass, plus the paper code's ``position``)."""
-
-ProxyFn = Callable[[str, nn.Module], float]
-"""A custom proxy: ``proxy(branch, masked_model) -> loss`` (lower wins), called inside the candidate's context.
-Run the model with ``use_cache=False`` there: with a block skipped, ``layer_idx`` values are stale."""
 
 
 @dataclass(frozen=True)
@@ -98,92 +90,75 @@ class _Scores:
 class MoPSearch:
     """The MoP loop over one model; the model is pruned in place, one :meth:`step` at a time.
 
+    The options are a :class:`~lit_prune.mop.config.MoPConfig` (shared with
+    :class:`~lit_prune.callbacks.MixtureOfPruners`): pass one as ``config``, or its fields as keywords, which replace
+    the config's (or the defaults'), e.g. ``MoPSearch(model, batches, 0.25, proxy="kl", branches="L")``.
+
     Args:
         model: a Hugging Face causal LM (or a wrapper); pruned in place.
         batches: held-out calibration batches; materialised once (they are reused by every step).
-        target: fraction of ALL parameters (embeddings included) to remove, in (0, 1), counted from the model as
-            it is when the search starts.
-        proxy: ``ppl``, ``kl``, ``cosine``, ``random``, or a callable ``proxy(branch, model) -> loss``.
-        depth_criterion: one of :data:`MOP_DEPTH_CRITERIA`.
-        width_criterion: how the width candidate's heads and neurons are chosen: any registered width criterion
-            (``registry.names("width")``; ``reversed`` negates ``amp``). Those that read statistics (``amp``,
-            ``amp_act``, ``wanda_sp``) collect them during the candidate passes; the data-free ones
-            (``magnitude``, ``random``, seeded by ``seed`` and the step) score the current weights.
-        gqa: GQA mode of the width candidate (``query`` or ``group``).
-        round_to: MLP widths of the width candidate stay multiples of this.
-        decisions: a decision string to replay (``L``/``G`` per step) instead of searching.
-        branches: the branches to consider, ``"LG"`` (MoP); ``"L"`` or ``"G"`` give the single-branch baselines
-            (depth only / width only, iterative) without measuring any proxy. A depth-only search still ends with
-            a partial width step when less than a block is left.
-        seed: seed of the ``random`` proxy (and of the ``random`` depth criterion).
+        target: the config's ``target``: fraction of ALL parameters (embeddings included) to remove, in (0, 1),
+            counted from the model as it is when the search starts (None: keep the config's, by default 0.25).
+        config: the options; None: the defaults.
         apply: how a chosen plan is applied (default :func:`lit_prune.surgery.apply_plan`; the callback passes
             ``CausalLMModule.apply_plan`` so plans are recorded for checkpoints).
         progress: log each step at INFO level.
         reference: the dense model's outputs on ``batches`` for ``kl`` / ``cosine`` (see :attr:`reference`); given
             when a search is resumed on a model that is no longer dense. None computes them from ``model``.
+        **options: any other ``MoPConfig`` field: ``proxy`` (``ppl``, ``kl``, ``cosine``, ``random``, or a
+            callable ``proxy(branch, model) -> loss``), ``depth_criterion`` (one of :data:`MOP_DEPTH_CRITERIA`),
+            ``width_criterion`` (any registered width criterion: those that read statistics, ``amp``, ``amp_act``,
+            ``wanda_sp``, collect them during the candidate passes; the data-free ones, ``magnitude`` and
+            ``random`` seeded by ``seed`` and the step, score the current weights), ``gqa`` and ``round_to`` (of the
+            width candidate), ``decisions`` (a decision string to replay), ``branches`` (``"LG"``; ``"L"`` or
+            ``"G"`` give the single-branch baselines without measuring any proxy; a depth-only search still ends
+            with a partial width step when less than a block is left), ``seed``.
 
     Raises:
-        ValueError: for an unknown proxy, depth or width criterion, or gqa mode, a target outside (0, 1), a
-            decision string with other letters, no batches, or a width branch on a model whose heads cannot be
-            removed (nothing is modified then).
+        ValueError: for any option ``MoPConfig`` refuses (an unknown proxy, depth or width criterion, or gqa mode,
+            a target outside (0, 1), a decision string with other letters), no batches, or a width branch on a
+            model whose heads cannot be removed (nothing is modified then).
+        TypeError: for a keyword that is not a ``MoPConfig`` field.
     """
 
     def __init__(
         self,
         model: nn.Module,
         batches: Iterable[Batch],
-        target: float,
+        target: float | None = None,
         *,
-        proxy: str | ProxyFn = "ppl",
-        depth_criterion: str = "bi",
-        width_criterion: str = "amp",
-        gqa: str = "query",
-        round_to: int = 1,
-        decisions: str | None = None,
-        branches: str = DEPTH + WIDTH,
-        seed: int = 0,
+        config: MoPConfig | None = None,
         apply: Callable[[PruningPlan], None] | None = None,
         progress: bool = False,
         reference: list[Tensor] | None = None,
+        **options: Any,
     ) -> None:
-        if not callable(proxy) and proxy not in PROXIES:
-            raise ValueError(f"`proxy` must be one of {list(PROXIES)} or a callable, got {proxy!r}")
-        if depth_criterion not in MOP_DEPTH_CRITERIA:
-            raise ValueError(f"`depth_criterion` must be one of {list(MOP_DEPTH_CRITERIA)}, got {depth_criterion!r}")
-        registry.criterion("width", width_criterion, "width_criterion")
-        if gqa not in ("query", "group"):
-            raise ValueError(f"`gqa` must be one of ['query', 'group'], got {gqa!r}")
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) < 1.0:
-            raise ValueError(f"`target` must be a fraction of all parameters in (0, 1), got {target!r}")
-        if not branches or set(branches) - {DEPTH, WIDTH}:
-            raise ValueError(f"`branches` must be 'LG', 'L' or 'G', got {branches!r}")
-        if WIDTH in branches:  # the width branch removes heads: a family quirk may refuse that (Phi qk_layernorm)
+        cfg = MoPConfig.build(config, **({"target": target} if target is not None else {}), **options)
+        if WIDTH in cfg.branches:  # the width branch removes heads: a family quirk may refuse that (Phi qk_layernorm)
             adapter = adapter_for(model)  # an unsupported family raises UnsupportedModelError here, unchanged
             try:
                 adapter.check_head_pruning(model)
             except ValueError as err:
                 raise ValueError(f"{err}; or run MoP with branches='L' (depth only)") from None
-        if decisions is not None and set(decisions) - {DEPTH, WIDTH}:
-            raise ValueError(
-                f"`decisions` must be a string of {DEPTH!r} (depth) and {WIDTH!r} (width), got {decisions!r}"
-            )
+        self.config = cfg
+        """The validated options (:class:`~lit_prune.mop.config.MoPConfig`)."""
         self.model = model
         self.hf_model = unwrap(model)
         self.batches = list(batches)
         if not self.batches:
             raise ValueError("MoP needs at least one held-out calibration batch, got none")
         self.adapter = adapter_for(self.hf_model)
-        self.proxy = proxy
-        self.depth_criterion = depth_criterion
-        self.width_criterion = width_criterion
-        self.gqa = gqa
-        self.round_to = round_to
-        self.decisions = decisions
-        self.branches = branches
-        self.seed = seed
+        self.proxy: str | ProxyFn = cfg.proxy
+        self.depth_criterion = cfg.depth_criterion
+        self.width_criterion = cfg.width_criterion
+        self.gqa = cfg.gqa
+        self.round_to = cfg.round_to
+        self.decisions = cfg.decisions
+        self.branches = cfg.branches
+        self.seed = cfg.seed
         self.apply = apply or (lambda plan: apply_plan(self.hf_model, plan))
         self.progress = progress
-        self.target = float(target)
+        self.target = cfg.target
         self.params_start = self.adapter.total_params(self.hf_model)
         self.target_removed = round(self.target * self.params_start)
         self._stuck = False
@@ -192,15 +167,15 @@ class MoPSearch:
         self.reference: list[Tensor] = []
         """The dense model's outputs for ``kl`` (float16 log-probs) / ``cosine`` (hidden states), kept on the CPU:
         ``tokens × vocab × 2`` bytes for ``kl`` (200 MB for 8 windows of 256 tokens of SmolLM2)."""
-        measured = decisions is None and len(set(branches)) > 1
+        proxy = cfg.proxy
+        measured = cfg.decisions is None and len(set(cfg.branches)) > 1
         if isinstance(proxy, str) and proxy in ("kl", "cosine") and measured:
             if reference is not None:
                 if len(reference) != len(self.batches):
                     raise ValueError(f"`reference` has {len(reference)} entries for {len(self.batches)} batches")
                 self.reference = list(reference)
             else:
-                with evaluating(self.hf_model, None) as (hf, device):
-                    self.reference = reference_outputs(hf, self.batches, proxy, device)
+                self.reference = reference_outputs(self.hf_model, self.batches, proxy)
 
     # --- state ---------------------------------------------------------------------------------------------------
     @property
@@ -402,34 +377,34 @@ class MoPSearch:
         With ``measure=False`` only the statistics are collected (the decoder runs without the LM head).
         """
         model = self.hf_model
-        current: dict[str, Tensor | None] = {"attention_mask": None}
-        losses = LossSums()
-        device = model_device(model)
+        losses = LossSums().to(model_device(model))
         named = isinstance(self.proxy, str) and self.proxy in ("ppl", "kl", "cosine")
+        scored = measure and named
         value = math.nan
-        with self._candidate(branch, plan) as hooks:
-            needs = self._depth_needs()
-            depth_metric = attach_depth_statistics(model, needs, hooks, current) if needs else None
+        with self._candidate(branch, plan):
+            attach: dict[str, Attach] = {}
+            depth_needs = self._depth_needs()
+            if depth_needs:
+                attach["depth"] = lambda hf, hooks, current: attach_depth_statistics(hf, depth_needs, hooks, current)
             width_needs = width_needs_for(self.width_criterion)
-            width_metric = attach_width_statistics(model, width_needs, hooks, current) if width_needs else None
-            for metric in (depth_metric, width_metric, losses):
-                if metric is not None:
-                    metric.to(device)
-            needed = (measure and named) or depth_metric is not None or width_metric is not None
-            for i, item in enumerate(self.batches if needed else ()):
-                ids, mask = _as_inputs(item)
-                current["attention_mask"] = None if mask is None else mask.to(device)
-                if measure and named:
-                    reference = self.reference[i] if self.reference else None
-                    losses.update(*batch_loss(model, item, str(self.proxy), reference, device))
-                else:  # only the statistics are needed: the decoder alone
-                    decoder = self.adapter.decoder(model)
-                    decoder(input_ids=ids.to(device), attention_mask=current["attention_mask"], use_cache=False)
+            if width_needs:
+                attach["width"] = lambda hf, hooks, current: attach_width_statistics(hf, width_needs, hooks, current)
+            batch_index = itertools.count()
+
+            def score(hf: nn.Module, ids: Tensor, mask: Tensor | None, output: Any) -> None:
+                i = next(batch_index)
+                reference = self.reference[i] if self.reference else None
+                losses.update(*proxy_loss(output, ids, mask, str(self.proxy), reference))
+
+            collected: dict[str, Any] = {}
+            if scored or attach:  # the decoder alone when only the statistics are needed
+                output = proxy_output(str(self.proxy)) if scored else "hidden"
+                collected = run_pass(model, self.batches, attach, on_batch=score if scored else None, output=output)
             if measure and callable(self.proxy):
                 value = float(self.proxy(branch, model))
             width_scores = None  # inside: the weights of the candidate's blocks (e.g. AMP's down_proj norms)
-            if width_metric is not None:
-                width_scores = self._width_scores(width_metric.compute(), model, self.seed)
+            if "width" in collected:
+                width_scores = self._width_scores(collected["width"].compute(), model, self.seed)
         if measure and named:
             value = float(losses.compute())
             if self.proxy == "ppl":
@@ -439,8 +414,8 @@ class MoPSearch:
                 f"The {self.proxy!r} proxy of the {branch} candidate is NaN; the model or data is broken"
             )
         depth_scores = None
-        if depth_metric is not None:
-            depth_scores = scores_from_stats(depth_metric.compute(), self.depth_criterion, seed=self.seed)
+        if "depth" in collected:
+            depth_scores = scores_from_stats(collected["depth"].compute(), self.depth_criterion, seed=self.seed)
         return value, _Scores(depth_scores, width_scores)
 
     def _candidate(self, branch: str, plan: PruningPlan) -> _CandidateContext:

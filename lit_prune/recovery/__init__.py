@@ -3,7 +3,7 @@
 The callbacks that use these stages are :class:`~lit_prune.callbacks.LoRA` and :class:`~lit_prune.callbacks.CKALoRA`.
 """
 
-from lit_prune.recovery.cka import cka_importance, last_token_states, linear_cka, select_blocks, take_samples
+from lit_prune.recovery.cka import cka_importance, linear_cka, select_blocks, take_samples
 from lit_prune.recovery.distill import Distillation, freeze, frozen_copy
 from lit_prune.recovery.lora import (
     LLAMA_TARGETS,
@@ -31,7 +31,6 @@ __all__ = [
     "freeze",
     "frozen_copy",
     "is_lora",
-    "last_token_states",
     "linear_cka",
     "lora_param_count",
     "lora_record",

@@ -2,11 +2,14 @@
 
 R_0 … R_L are the hidden states at the last non-pad token of each sample: R_0 entering block 0, R_i leaving block
 i (the block's own output, not Hugging Face's post-final-norm ``last_hidden_state``, which would make the last
-block look important). A block's importance is ``I_i = 1 − linear CKA(R_{i−1}, R_i)``; the blocks that change the
-representation most get adapters.
+block look important). A block's importance is ``I_i = 1 − linear CKA(R_{i−1}, R_i)``, the ``cka`` depth criterion
+on the same statistic (:class:`~lit_prune.stats.DepthStatistics` with need ``cka_last``); the blocks that change
+the representation most get adapters.
 
-Memory is bounded by the samples, not the width: the rows are kept (``(L+1) × n × d`` float64 on the CPU, 138 MB
-for a 7B LLaMA at n = 128) and CKA is computed from ``n × n`` Gram matrices, never from ``d × d`` ones.
+Memory follows the cheaper exact form of CKA (:func:`~lit_prune.functional.similarity.cka_form`): for ``n`` samples
+narrower than the width ``d`` (the usual case) the rows are kept (``(L+1) × n × d`` float64, 138 MB for a 7B LLaMA
+at n = 128) and CKA is computed from ``n × n`` Gram matrices; from ``n >= d`` on, from ``d × d`` Gram sums
+(``(2L+1) d²`` float64), which do not grow with ``n``.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lit_prune.arch import adapter_for
-from lit_prune.criteria.depth import _CONSTANT_RTOL  # the same rule as the depth criterion's CKA
-from lit_prune.stats._common import _block_input, _block_output, _last_tokens, hooked_pass
-from lit_prune.stats.hooks import Hooks
+from lit_prune.criteria.depth import cka
+from lit_prune.functional import similarity
+from lit_prune.stats import collect_depth_statistics
+from lit_prune.stats.depth import CKARows
 
 
 def take_samples(batches: Iterable[dict[str, Any]], n_samples: int) -> list[dict[str, Any]]:
@@ -46,57 +49,13 @@ def take_samples(batches: Iterable[dict[str, Any]], n_samples: int) -> list[dict
     return taken
 
 
-class LastTokenStates:
-    """R_0 … R_L at the last non-pad token of every sample, filled by forward hooks on the blocks."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.rows: list[list[Tensor]] = [[] for _ in range(num_blocks + 1)]
-
-    def to(self, device: torch.device | str) -> LastTokenStates:
-        """Rows are always kept on the CPU (for :func:`~lit_prune.stats._common.hooked_pass`)."""
-        return self
-
-    def add(self, index: int, hidden: Tensor, attention_mask: Tensor | None) -> None:
-        """Keep ``hidden[b, last non-pad position of b]`` of every sample as a float64 CPU row of R_index."""
-        batch, seq_len = hidden.shape[:2]
-        rows, positions = _last_tokens(attention_mask, batch, seq_len, hidden.device)
-        self.rows[index].append(hidden[rows, positions].to(device="cpu", dtype=torch.float64))  # (n_b, d)
-
-    def stacked(self) -> list[Tensor]:
-        """``[R_0, …, R_L]``, each ``(n, d)``."""
-        return [torch.cat(rows) for rows in self.rows]
-
-
-def last_token_states(model: nn.Module, batches: Iterable[dict[str, Any]], progress: bool = False) -> list[Tensor]:
-    """``[R_0, …, R_L]`` (each ``(n, d)`` float64 on the CPU) over ``batches``, one pass in eval mode, no LM head."""
-
-    def attach(hf_model: nn.Module, hooks: Hooks, current: dict[str, Tensor | None]) -> LastTokenStates:
-        blocks = adapter_for(hf_model).blocks(hf_model)
-        states = LastTokenStates(len(blocks))
-
-        def hook_for(index: int) -> Any:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-                if index == 0:
-                    states.add(0, _block_input(args, kwargs), current["attention_mask"])
-                states.add(index + 1, _block_output(output), current["attention_mask"])
-
-            return hook
-
-        for index, block in enumerate(blocks):
-            hooks.forward(block, hook_for(index))
-        return states
-
-    states = hooked_pass(
-        model, batches, attach, max_batches=None, progress=progress, device=None, desc="CKA layer importance"
-    )
-    return states.stacked()
-
-
 def linear_cka(x: Tensor, y: Tensor) -> float:
-    """Linear CKA of two ``(n, d)`` representations of the same n samples, from ``n × n`` Gram matrices.
+    """Linear CKA of two ``(n, d)`` representations of the same n samples, as a float.
 
     ``CKA = ⟨K, L⟩ / (‖K‖ ‖L‖)`` with ``K = X̃X̃ᵀ``, ``L = ỸỸᵀ`` of the column-centred features (equal to
-    ``‖ỸᵀX̃‖² / (‖X̃ᵀX̃‖ ‖ỸᵀỸ‖)``). Constant features (a zero centred Gram): 1 if both sides are constant, else 0.
+    ``‖ỸᵀX̃‖² / (‖X̃ᵀX̃‖ ‖ỸᵀỸ‖)``; the ``n × n`` form when ``n < d``, else the ``d × d`` one). Constant features (a zero
+    centred Gram): 1 if both sides are constant, else 0. The formula is
+    :func:`lit_prune.functional.similarity.linear_cka`.
 
     Raises:
         ValueError: if the shapes differ in the number of rows or there are fewer than 2 rows.
@@ -105,15 +64,7 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
         raise ValueError(
             f"linear_cka needs (n, d) inputs with the same n >= 2, got {tuple(x.shape)} and {tuple(y.shape)}"
         )
-    x, y = x.to(torch.float64), y.to(torch.float64)
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    k, l_ = xc @ xc.T, yc @ yc.T  # (n, n)
-    k_norm, l_norm = k.norm(), l_.norm()
-    x_constant = bool(k_norm <= _CONSTANT_RTOL * (x @ x.T).norm())
-    y_constant = bool(l_norm <= _CONSTANT_RTOL * (y @ y.T).norm())
-    if x_constant or y_constant:
-        return 1.0 if x_constant and y_constant else 0.0
-    return float((k * l_).sum() / (k_norm * l_norm))
+    return float(similarity.linear_cka(x, y))
 
 
 def cka_importance(
@@ -121,18 +72,26 @@ def cka_importance(
 ) -> Tensor:
     """``I_i = 1 − linear CKA(R_{i−1}, R_i)`` of every block, ``(L,)`` float64 in ``[0, 1]``, from ``n_samples`` rows.
 
-    An exact identity block has importance 0. Runs one forward pass of the decoder in eval mode under ``no_grad``.
+    The statistic and formula of the ``cka`` depth criterion (:func:`lit_prune.criteria.depth.cka`, last token),
+    collected by :func:`~lit_prune.stats.collect_depth_statistics` in one forward pass of the decoder in eval mode
+    under ``no_grad``. An exact identity block has importance 0. With ``n`` rows of width ``d`` the rows are kept
+    when ``n < d`` (the ``n × n`` form, ``(L+1) n d`` float64 on the model's device) and ``d × d`` sums otherwise
+    (``(2L+1) d²`` float64); :func:`~lit_prune.functional.similarity.cka_form` chooses from ``n_samples`` (so every
+    DDP rank keeps the same states). Under DDP the statistics are reduced over ranks: each rank contributes its own
+    rows and every rank gets the importance of all ranks' samples.
 
     Raises:
         ValueError: if the batches hold fewer than 2 samples (CKA compares samples).
     """
     samples = take_samples(batches, n_samples)
-    states = last_token_states(model, samples, progress=progress)
-    if states[0].size(0) < 2:
-        raise ValueError(f"CKA layer importance needs at least 2 samples, got {states[0].size(0)}")
-    return torch.tensor(
-        [1.0 - linear_cka(states[i], states[i + 1]) for i in range(len(states) - 1)], dtype=torch.float64
-    )
+    form = similarity.cka_form(n_samples, adapter_for(model).hidden_size(model))  # the same on every DDP rank
+    stats = collect_depth_statistics(model, samples, {"cka_last"}, progress=progress, cka_form=form).compute()
+    sums = stats.cka_last
+    assert sums is not None
+    seen = int(sums.rows.size(1)) if isinstance(sums, CKARows) else int(sums.count[0])  # without fully padded rows
+    if seen < 2:
+        raise ValueError(f"CKA layer importance needs at least 2 samples, got {seen}")
+    return cka(stats, "last").cpu()
 
 
 def select_blocks(importance: Tensor, ratio: float) -> list[int]:

@@ -3,6 +3,8 @@
 The spec (:class:`LoRASpec`) is plain data so it goes into checkpoints: a resumed run re-attaches the same
 adapters before the weights are loaded. Merging folds every adapter into its base weight and restores which base
 parameters were trainable before the adapters froze them, so training (or surgery) continues on a plain model.
+Detecting and merging adapters (:func:`is_lora`, :func:`merge_lora`) live in :mod:`lit_prune.sparse.lora`, next to
+the masks a merge re-applies, and are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lit_prune.arch import adapter_for, unwrap
+from lit_prune.io import save_pretrained
+from lit_prune.sparse.lora import RECORD_ATTR, is_lora, mask_lora_deltas, merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +29,13 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 """The 7 projections of a LLaMA-family block. The default targets are the family's own
 (:meth:`~lit_prune.arch.ModelAdapter.lora_targets`): these for LLaMA, ``qkv_proj``/``gate_up_proj``/... for Phi-3."""
 
-RECORD_ATTR = "lit_prune_lora"
-"""Attribute of an adapter-wrapped model holding ``{"spec": ..., "trainable_before": [...]}``."""
-
 
 @dataclass(frozen=True)
 class LoRASpec:
     """What to attach: LoRA rank, scale, dropout, target projections and blocks (None = every block).
+
+    Checked on construction (:meth:`__post_init__`); the :class:`~lit_prune.callbacks.LoRA` callbacks default to
+    these fields.
 
     Args:
         r: adapter rank.
@@ -48,6 +52,26 @@ class LoRASpec:
     dropout: float = 0.05
     target_modules: tuple[str, ...] | None = None
     layers: tuple[int, ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        """Check the hyperparameters (:func:`check_lora_args`) and ``layers``; store both lists as tuples.
+
+        Raises:
+            ValueError: naming the bad field and its value.
+        """
+        check_lora_args(self.r, self.alpha, self.dropout, self.target_modules)
+        layers = self.layers
+        if layers is not None and (
+            isinstance(layers, str)
+            or not layers
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+        ):
+            got = list(layers) if isinstance(layers, tuple | list) else layers
+            raise ValueError(f"`layers` must be None or a non-empty list of block indices, got {got!r}")
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if layers is not None:
+            object.__setattr__(self, "layers", tuple(layers))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (lists instead of tuples)."""
@@ -173,11 +197,6 @@ def lora_param_count(model: nn.Module, spec: LoRASpec) -> int:
     return sum(spec.r * (lin.in_features + lin.out_features) for linears in chosen.values() for lin in linears.values())
 
 
-def is_lora(model: nn.Module) -> bool:
-    """Whether ``model`` is a PEFT wrapper (adapters attached and not merged)."""
-    return hasattr(model, "peft_config") and callable(getattr(model, "merge_and_unload", None))
-
-
 def trainable_params(model: nn.Module) -> int:
     """Number of parameters with ``requires_grad`` (shared tensors counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
@@ -204,30 +223,8 @@ def attach_lora(model: PreTrainedModel, spec: LoRASpec) -> nn.Module:
     trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
     wrapped = get_peft_model(model, spec.peft_config())
     setattr(wrapped, RECORD_ATTR, {"spec": spec.to_dict(), "trainable_before": trainable_before})
-    from lit_prune.sparse.lora import mask_lora_deltas  # lit_prune.sparse imports this module lazily
-
     mask_lora_deltas(wrapped)  # on a sparse base (weight_mask buffers) the update trains through the mask
     return wrapped
-
-
-def merge_lora(model: nn.Module) -> PreTrainedModel:
-    """Fold the adapters of a PEFT model into its base weights; return the plain model (same object as attached).
-
-    Base parameters that were trainable before :func:`attach_lora` become trainable again. Sparsity masks
-    (``weight_mask`` buffers, :mod:`lit_prune.sparse`) are re-applied after the merge, so a sparse model stays exactly
-    as sparse; adapters attached by :func:`attach_lora` trained their update through the mask, so nothing they
-    learned is dropped (adapters attached otherwise lose the part of ``B·A`` on pruned weights).
-    """
-    from lit_prune.sparse.masks import reapply_masks_after_merge  # lit_prune.sparse imports this module lazily
-
-    record = getattr(model, RECORD_ATTR, None)
-    base = model.merge_and_unload()  # type: ignore[operator]
-    reapply_masks_after_merge(base)
-    if record is not None:
-        trainable = set(record["trainable_before"])
-        for name, p in base.named_parameters():
-            p.requires_grad_(name in trainable)
-    return base
 
 
 def lora_record(model: nn.Module) -> dict[str, Any] | None:
@@ -288,8 +285,6 @@ def save_adapter(model: nn.Module, adapter_dir: str | Path, base_dir: str | Path
     ``base_model_name_or_path`` points at it, so ``PeftModel.from_pretrained(load_pretrained(base_dir),
     adapter_dir)`` rebuilds the adapter model. Needs one transient copy of the model.
     """
-    from lit_prune.io import save_pretrained
-
     if not is_lora(model):
         raise TypeError(f"save_adapter needs a model with LoRA adapters, got {type(model).__name__}")
     base = copy.deepcopy(model).unload()  # type: ignore[operator]  # adapters removed, not merged

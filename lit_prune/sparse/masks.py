@@ -1,4 +1,4 @@
-"""Unstructured sparsity masks on a live model: attach, re-apply, fold, restore from checkpoints, merge LoRA.
+"""Unstructured sparsity masks on a live model: attach, re-apply, fold, restore from checkpoints.
 
 A mask is a ``bool`` tensor of the weight's shape, ``True`` = keep. It lives as a **persistent** buffer named
 ``weight_mask`` on the ``nn.Linear`` it masks, so a Lightning checkpoint (the module ``state_dict``) carries it as
@@ -23,37 +23,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lit_prune.arch import adapter_for, base_layer, unwrap
+from lit_prune.arch import block_linears, unwrap
 
 log = logging.getLogger(__name__)
 
 MASK_BUFFER = "weight_mask"
 """Name of the persistent ``bool`` keep-mask buffer on each masked ``nn.Linear``."""
-
-
-def block_linears(model: nn.Module) -> list[dict[str, nn.Linear]]:
-    """Per block, ``{name: Linear}`` of its prunable projections in the adapter's order (q, k, v, o, gate, up, down).
-
-    A fused projection (Phi-3's ``qkv_proj``) is one entry. A projection wrapped by PEFT counts as the Linear it wraps
-    (``base_layer``); its name is the wrapper's.
-
-    Raises:
-        UnsupportedModelError: if the model family has no adapter.
-        TypeError: if a projection is not an ``nn.Linear``.
-    """
-    hf_model = unwrap(model)
-    adapter = adapter_for(hf_model)
-    names = {id(module): name for name, module in hf_model.named_modules()}
-    per_block = []
-    for block in adapter.blocks(hf_model):
-        found: dict[str, nn.Linear] = {}
-        for slot in adapter.block_linears(block).values():
-            linear = base_layer(slot)
-            if not isinstance(linear, nn.Linear):
-                raise TypeError(f"`{names[id(slot)]}` must be an nn.Linear to be pruned, got {type(linear).__name__}")
-            found[names[id(slot)]] = linear
-        per_block.append(found)
-    return per_block
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -196,32 +171,6 @@ def restore_masks_on_load(module: nn.Module) -> RemovableHandle:
         The hook handle (``.remove()`` to unregister).
     """
     return module.register_load_state_dict_pre_hook(_restore_masks_hook)  # module-level: picklable (spawn)
-
-
-def merge_lora_masked(model: nn.Module) -> nn.Module:
-    """Merge the LoRA adapters of a PEFT model and re-apply the masks (:func:`~lit_prune.recovery.lora.merge_lora`).
-
-    ``W + BA`` is dense, so a plain merge destroys the sparsity; re-applying the masks keeps it exactly, at the cost
-    of dropping the part of the update that falls on pruned weights (the merged model's outputs differ slightly from
-    the adapter model's; the dropped norm is logged). ``merge_lora`` and ``merge_adapters`` do the same (the buffers
-    survive the merge and :func:`reapply_masks_after_merge` runs after it); this name only insists on adapters being
-    attached. Alternative that loses nothing: keep the adapter
-    unmerged (``save_adapter``) and serve sparse base + dense low-rank adapter.
-
-    Args:
-        model: the PEFT model returned by :func:`~lit_prune.recovery.lora.attach_lora`.
-
-    Returns:
-        The plain merged model (the object the adapters were attached to), masks still attached.
-
-    Raises:
-        TypeError: if ``model`` carries no LoRA adapters.
-    """
-    from lit_prune.recovery.lora import is_lora, merge_lora
-
-    if not is_lora(model):
-        raise TypeError(f"merge_lora_masked needs a model with LoRA adapters, got {type(model).__name__}")
-    return merge_lora(model)  # re-applies the masks (reapply_masks_after_merge)
 
 
 def reapply_masks_after_merge(model: nn.Module) -> int:

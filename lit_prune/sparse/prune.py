@@ -6,51 +6,53 @@ module chains them: optional dense statistics for the allocation (OWL / DSA read
 exact integer counts per Linear (``sparsity`` is the mean over all prunable weights), then the criterion block by block
 (``protocol="sequential"``: each block calibrated on the outputs of the already pruned blocks) or from one dense pass
 (``"one_shot"``), and finally the masks as buffers (:func:`lit_prune.sparse.attach_masks`).
+
+The result's ``record`` is what a sparsity :class:`~lit_prune.plan.PruningPlan` holds (:mod:`lit_prune.sparse.record`);
+:func:`replay_sparsity` runs :func:`prune_sparse` again from such a record and checks the masks are the recorded ones,
+so the callback, the functional API and :func:`lit_prune.surgery.apply_plan` change a model through this one function.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from lit_prune.allocation.sparsity import (
-    DSA_PAPER_FUNCTION,
-    SPARSITY_ALLOCATIONS,
-    AllocationFunction,
-    dsa,
-    layer_counts,
-    linear_map,
-    outlier_ratio,
-    owl,
-    uniform,
-)
+from lit_prune.allocation.sparsity import AllocationFunction, dsa, layer_counts, linear_map, outlier_ratio, owl, uniform
 from lit_prune.allocation.trim import trim
+from lit_prune.arch import block_linears
 from lit_prune.criteria import registry
-from lit_prune.criteria.sparse import (
-    check_nm,
-    hessian_from_sum,
-    magnitude_scores,
-    prune_mask,
-    sparsegpt,
-    wanda_scores,
-)
+from lit_prune.criteria.sparse import hessian_from_sum, magnitude_scores, prune_mask, sparsegpt, wanda_scores
 from lit_prune.sparse.calibrate import one_shot_stats, sequential_prune
-from lit_prune.sparse.linear_stats import LinearStats
-from lit_prune.sparse.masks import attach_masks, block_linears, masks_of
+from lit_prune.sparse.config import (
+    PROTOCOLS,
+    Allocation,
+    SparseCriterion,
+    SparsityConfig,
+    check_sparse_options,
+)
+from lit_prune.sparse.masks import attach_masks, masks_of
+from lit_prune.sparse.record import calibration_digest, masks_digest, reiterable, sparsity_record
 from lit_prune.stats._common import Batches
+from lit_prune.stats.linear import LinearStats
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("sequential", "one_shot")
-SparseCriterion = Literal["magnitude", "wanda", "sparsegpt"]
-"""The registered sparse criteria (``registry.names("sparse")``; a test keeps the two equal)."""
-Allocation = Literal["uniform", "owl", "linear_map", "dsa"]
+__all__ = [
+    "PROTOCOLS",
+    "Allocation",
+    "SparseCriterion",
+    "SparsityConfig",
+    "SparsityResult",
+    "check_sparse_options",
+    "prune_sparse",
+    "replay_sparsity",
+]
 
 
 @dataclass
@@ -62,6 +64,9 @@ class SparsityResult:
         block_ratios: the sparsity each block was allocated (before integer rounding).
         counts: weights pruned per Linear (exact integers; their sum is ``round(sparsity · prunable weights)``).
         seconds: wall time of the whole call (statistics, allocation, masks, updates).
+        meta: the main options, for a plan's ``meta``.
+        record: the plan's ``sparsity`` record (:func:`lit_prune.sparse.record.sparsity_record`): the config, the
+            calibration digest, the sparsity each Linear reached and the masks' digest.
     """
 
     masks: dict[str, Tensor]
@@ -69,45 +74,13 @@ class SparsityResult:
     counts: dict[str, int]
     seconds: float
     meta: dict[str, object] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
         """Achieved mean sparsity over the masked weights."""
         total = sum(m.numel() for m in self.masks.values())
         return sum(self.counts.values()) / total if total else 0.0
-
-
-def check_sparse_options(
-    criterion: object,
-    sparsity: object,
-    n_m: object,
-    allocation: object,
-    protocol: object,
-    layer_scores: object = None,
-    trim_rows: object = False,
-) -> tuple[int, int] | None:
-    """Validate the options of :func:`prune_sparse` (and the callback) before anything runs; return ``n_m`` parsed.
-
-    Raises:
-        ValueError: naming the bad option, its value and what is allowed.
-    """
-    registry.criterion("sparse", criterion)
-    if allocation not in SPARSITY_ALLOCATIONS:
-        raise ValueError(f"`allocation` must be one of {list(SPARSITY_ALLOCATIONS)}, got {allocation!r}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"`protocol` must be one of {list(PROTOCOLS)}, got {protocol!r}")
-    nm = check_nm(n_m)  # type: ignore[arg-type]
-    if nm is not None:
-        if allocation != "uniform":
-            raise ValueError(f"N:M sparsity ({nm[0]}:{nm[1]}) has a fixed ratio per layer: use allocation='uniform'")
-        if trim_rows:
-            raise ValueError(f"N:M sparsity ({nm[0]}:{nm[1]}) has a fixed count per row: TRIM does not apply")
-        return nm
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
-        raise ValueError(f"`sparsity` must be a fraction in (0, 1), got {sparsity!r}")
-    if allocation == "linear_map" and layer_scores is None:
-        raise ValueError("allocation='linear_map' needs `layer_scores`: one score per block (higher = sparser)")
-    return None
 
 
 def _needs(criterion: str, trim_rows: bool) -> set[str]:
@@ -121,39 +94,38 @@ def _block_ratios(
     model: nn.Module,
     batches: Batches,
     linears: list[dict[str, nn.Linear]],
-    sparsity: float,
-    allocation: str,
+    config: SparsityConfig,
     sizes: list[int],
     *,
-    owl_m: float,
-    lam: float,
-    eps: float,
-    layer_scores: Sequence[float] | None,
-    dsa_function: AllocationFunction | str,
     max_batches: int | None,
     progress: bool,
 ) -> list[float]:
+    sparsity, allocation = config.target, config.allocation
     if allocation == "uniform":
         return uniform(sizes, sparsity)
     if allocation == "linear_map":
-        assert layer_scores is not None
-        if len(layer_scores) != len(linears):
-            raise ValueError(f"`layer_scores` must hold one score per block ({len(linears)}), got {len(layer_scores)}")
-        return linear_map(list(layer_scores), sparsity, eps, sizes=sizes)
+        scores_per_block = config.layer_scores
+        assert scores_per_block is not None  # SparsityConfig requires them for linear_map
+        if len(scores_per_block) != len(linears):
+            raise ValueError(
+                f"`layer_scores` must hold one score per block ({len(linears)}), got {len(scores_per_block)}"
+            )
+        return linear_map(list(scores_per_block), sparsity, config.eps, sizes=sizes)
     dense = one_shot_stats(model, batches, {"input_sq"}, progress=progress, max_batches=max_batches)
-    function = AllocationFunction.parse(dsa_function) if isinstance(dsa_function, str) else dsa_function
+    function = config.dsa_function
+    function = AllocationFunction.parse(function) if isinstance(function, str) else function
     values = []  # one number per block, computed from that block's Wanda scores only (memory: one block's scores)
     for block in linears:
         scores = [wanda_scores(lin.weight, cast(Tensor, dense[name].input_sq)) for name, lin in block.items()]
-        values.append(outlier_ratio(scores, owl_m) if allocation == "owl" else function(scores))
+        values.append(outlier_ratio(scores, config.owl_m) if allocation == "owl" else function(scores))
         del scores
     if allocation == "owl":
-        return owl(values, sparsity, lam, sizes=sizes)
+        return owl(values, sparsity, config.lam, sizes=sizes)
     return dsa(
         [torch.tensor([v], dtype=torch.float64) for v in values],
         AllocationFunction(reduce="mean"),
         sparsity,
-        lam,
+        config.lam,
         sizes=sizes,
     )
 
@@ -165,32 +137,27 @@ def _scores(weight: Tensor, stats: LinearStats | None) -> Tensor:
     return wanda_scores(weight, stats.input_sq)
 
 
-def _prune_linear(
-    linear: nn.Linear,
-    stats: LinearStats | None,
-    criterion: str,
-    count: int,
-    nm: tuple[int, int] | None,
-    trim_rows: bool,
-    blocksize: int,
-    percdamp: float,
-) -> Tensor:
+def _prune_linear(linear: nn.Linear, stats: LinearStats | None, config: SparsityConfig, count: int) -> Tensor:
     """Prune one Linear in place (zeros, and SparseGPT's update); return its keep mask."""
     weight = linear.weight
+    nm = config.pattern
     amount: int | Tensor | None = None if nm is not None else count
-    if trim_rows and nm is None:
+    if config.trim_rows:
         assert stats is not None
         assert stats.last_inputs is not None
         amount = trim(weight.detach().float(), _scores(weight, stats), stats.last_inputs.to(weight.device), count)
-    if criterion == "sparsegpt":
+    if config.criterion == "sparsegpt":
         assert stats is not None
         assert stats.hessian_sum is not None
         hessian = hessian_from_sum(stats.hessian_sum, stats.count)
-        new_weight, keep = sparsegpt(weight.detach(), hessian, amount, n_m=nm, blocksize=blocksize, percdamp=percdamp)
+        new_weight, keep = sparsegpt(
+            weight.detach(), hessian, amount, n_m=nm, blocksize=config.blocksize, percdamp=config.percdamp
+        )
         weight.data.copy_(new_weight)
         return keep
-    scores = _scores(weight, stats if criterion == "wanda" else None)
-    keep = prune_mask(scores, amount, n_m=nm, per_row=criterion != "magnitude" or isinstance(amount, Tensor))
+    scores = _scores(weight, stats if config.criterion == "wanda" else None)
+    per_row = config.criterion != "magnitude" or isinstance(amount, Tensor)
+    keep = prune_mask(scores, amount, n_m=nm, per_row=per_row)
     weight.data.masked_fill_(~keep, 0)
     return keep
 
@@ -198,48 +165,32 @@ def _prune_linear(
 def prune_sparse(
     model: nn.Module,
     batches: Batches | None,
-    criterion: SparseCriterion = "wanda",
-    sparsity: float = 0.5,
+    criterion: SparseCriterion | None = None,
+    sparsity: float | None = None,
     *,
-    n_m: tuple[int, int] | str | None = None,
-    allocation: Allocation = "uniform",
-    protocol: Literal["sequential", "one_shot"] = "sequential",
-    trim_rows: bool = False,
-    owl_m: float = 5.0,
-    lam: float = 0.08,
-    eps: float = 0.2,
-    layer_scores: Sequence[float] | None = None,
-    dsa_function: AllocationFunction | str = DSA_PAPER_FUNCTION,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    config: SparsityConfig | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    **options: Any,
 ) -> SparsityResult:
-    """Prune ``sparsity`` of every block's q/k/v/o/gate/up/down weights, exactly, and attach the masks.
+    """Prune ``sparsity`` of every block's prunable projection weights, exactly, and attach the masks.
+
+    What to prune and how is a :class:`~lit_prune.sparse.config.SparsityConfig`: pass one as ``config``, or its
+    fields as keywords (``criterion`` and ``sparsity`` also positionally), which replace the config's (or the
+    defaults'), e.g. ``prune_sparse(model, batches, "sparsegpt", 0.6, allocation="owl", trim_rows=True)``.
 
     Args:
         model: a Hugging Face causal LM or a wrapper (LightningModule); pruned in place (LoRA must be merged first).
         batches: calibration batches (dicts with ``input_ids``, optional ``attention_mask``); None only for
             ``magnitude`` with ``uniform`` / ``linear_map`` allocation and no TRIM.
-        criterion: ``magnitude`` (|W|, ranked per layer), ``wanda`` (|W|·‖X_j‖, per output row), ``sparsegpt``
-            (OBS mask selection and weight update from the Hessian of the inputs).
-        sparsity: the mean sparsity over all prunable weights, met exactly in integer counts.
-        n_m: ``(N, M)`` or ``"2:4"``: N zeros in every group of M inputs of each row (then ``sparsity`` = N/M).
-        allocation: ``uniform``; ``owl`` (dense Wanda outlier ratio > ``owl_m``·mean → less sparsity, band ±``lam``);
-            ``linear_map`` of ``layer_scores`` into [S(1−eps), S(1+eps)] (higher = sparser); ``dsa`` (an
-            :class:`~lit_prune.allocation.sparsity.AllocationFunction` of the dense Wanda scores, band ±``lam``).
-        protocol: ``sequential`` (block by block, inputs from the pruned blocks before) or ``one_shot`` (all
-            statistics from one pass of the dense model).
-        trim_rows: TRIM: refine each Linear's count into per-row counts by output cosine on last-token inputs.
-        owl_m: OWL's outlier threshold ``M``.
-        lam: OWL / DSA band half-width.
-        eps: ``linear_map``'s relative band.
-        layer_scores: per-block scores for ``linear_map``.
-        dsa_function: DSA's allocation function (operators chained as a string or an ``AllocationFunction``).
-        blocksize: SparseGPT's column block.
-        percdamp: SparseGPT's damping, as a fraction of the mean Hessian diagonal.
+        criterion: the config's ``criterion`` (None: keep the config's, by default ``wanda``).
+        sparsity: the config's ``sparsity`` (None: keep the config's, by default 0.5).
+        config: the options; None: the defaults.
         max_batches: use at most this many calibration batches.
         progress: show progress bars.
+        **options: any other :class:`~lit_prune.sparse.config.SparsityConfig` field (``n_m``, ``allocation``,
+            ``protocol``, ``trim_rows``, ``owl_m``, ``lam``, ``eps``, ``layer_scores``, ``dsa_function``,
+            ``blocksize``, ``percdamp``).
 
     A model that already carries masks keeps its zeros (the new masks are combined with the old ones, so a row whose
     earlier zeros exceed its new count ends up sparser than asked: ``counts`` report what was achieved). Blocks are
@@ -248,34 +199,25 @@ def prune_sparse(
 
     Raises:
         ValueError: for invalid options or missing calibration batches (nothing is modified then).
+        TypeError: for a keyword that is not a ``SparsityConfig`` field.
     """
-    nm = check_sparse_options(criterion, sparsity, n_m, allocation, protocol, layer_scores, trim_rows)
-    target = nm[0] / nm[1] if nm is not None else float(sparsity)
-    needs = _needs(criterion, trim_rows and nm is None)
-    if batches is None and (needs or allocation in ("owl", "dsa")):
-        raise ValueError(f"criterion={criterion!r}, allocation={allocation!r} need calibration `batches`")
-    data: Batches = batches if batches is not None else []  # None only when no statistics are needed (checked above)
+    given = {"criterion": criterion, "sparsity": sparsity}
+    cfg = SparsityConfig.build(config, **{k: v for k, v in given.items() if v is not None}, **options)
+    nm, target = cfg.pattern, cfg.target
+    needs = _needs(cfg.criterion, cfg.trim_rows)
+    uses_data = _uses_calibration(cfg)
+    if batches is None and uses_data:
+        raise ValueError(f"criterion={cfg.criterion!r}, allocation={cfg.allocation!r} need calibration `batches`")
+    batches = reiterable(batches)  # read more than once (the digest, OWL's dense pass, the criterion's pass)
+    data: Batches = batches if batches is not None and uses_data else []  # [] only when no statistics are needed
+    calibration = calibration_digest(data, max_batches) if uses_data else None
     start = time.perf_counter()
     linears = block_linears(model)
     sizes = [sum(lin.weight.numel() for lin in block.values()) for block in linears]
     ratios = (
         [target] * len(linears)
         if nm is not None
-        else _block_ratios(
-            model,
-            data,
-            linears,
-            target,
-            allocation,
-            sizes,
-            owl_m=owl_m,
-            lam=lam,
-            eps=eps,
-            layer_scores=layer_scores,
-            dsa_function=dsa_function,
-            max_batches=max_batches,
-            progress=progress,
-        )
+        else _block_ratios(model, data, linears, cfg, sizes, max_batches=max_batches, progress=progress)
     )
     names = [name for block in linears for name in block]
     flat = [lin for block in linears for lin in block.values()]
@@ -286,21 +228,19 @@ def prune_sparse(
         counts = {name: lin.weight.numel() * nm[0] // nm[1] for name, lin in zip(names, flat)}
     masks: dict[str, Tensor] = {}
     previous = {name: mask.clone() for name, mask in masks_of(model).items()}
+    masks_before = masks_digest(previous)
 
     def prune_block(b: int, stats: dict[str, LinearStats] | None) -> None:
         with torch.no_grad():
             for name, lin in linears[b].items():
-                block_stats = stats[name] if stats is not None else None
-                keep = _prune_linear(
-                    lin, block_stats, criterion, counts[name], nm, trim_rows and nm is None, blocksize, percdamp
-                )
+                keep = _prune_linear(lin, stats[name] if stats is not None else None, cfg, counts[name])
                 masks[name] = keep & previous[name] if name in previous else keep  # earlier zeros stay zero
         attach_masks(model, {name: masks[name] for name in linears[b]})  # a failure later leaves masked blocks
 
     if not needs:
         for b in range(len(linears)):
             prune_block(b, None)
-    elif protocol == "sequential":
+    elif cfg.protocol == "sequential":
         sequential_prune(model, data, needs, prune_block, progress=progress, max_batches=max_batches)
     else:
         stats = one_shot_stats(model, data, needs, progress=progress, max_batches=max_batches)
@@ -310,18 +250,26 @@ def prune_sparse(
     seconds = time.perf_counter() - start
     result = SparsityResult(masks=masks, block_ratios=list(ratios), counts=counts, seconds=seconds)
     result.meta = {
-        "criterion": criterion,
-        "allocation": allocation,
-        "protocol": protocol,
+        "criterion": cfg.criterion,
+        "allocation": cfg.allocation,
+        "protocol": cfg.protocol,
         "n_m": nm,
-        "trim": trim_rows,
+        "trim": cfg.trim_rows,
         "target": target,
     }
+    result.record = sparsity_record(
+        cfg,
+        masks,
+        counts,
+        max_batches=max_batches if uses_data else None,
+        calibration=calibration,
+        masks_before=masks_before,
+    )
     log.debug(
         "Sparsity (%s, %s, %s%s): %.4f of %s prunable weights zeroed in %.1f s; block ratios %.3f..%.3f",
-        criterion,
-        allocation,
-        protocol,
+        cfg.criterion,
+        cfg.allocation,
+        cfg.protocol,
         f", {nm[0]}:{nm[1]}" if nm else "",
         result.sparsity,
         f"{sum(sizes):,}",
@@ -329,4 +277,105 @@ def prune_sparse(
         min(ratios),
         max(ratios),
     )
+    return result
+
+
+def _uses_calibration(config: SparsityConfig) -> bool:
+    """Whether ``config`` reads calibration batches (every criterion but magnitude, TRIM, OWL and DSA do)."""
+    return bool(_needs(config.criterion, config.trim_rows)) or config.allocation in ("owl", "dsa")
+
+
+def _counts_line(digest: Mapping[str, Any]) -> str:
+    return (
+        f"{digest['batches']} batches, {digest['sequences']} sequences, {digest['tokens']} tokens "
+        f"(sha256 {str(digest['sha256'])[:12]}...)"
+    )
+
+
+def replay_sparsity(
+    model: nn.Module, record: Mapping[str, Any], calibration: Batches | None = None, *, progress: bool = False
+) -> SparsityResult:
+    """Re-compute the masks a sparsity plan records (``plan.sparsity``), on the same calibration, and check them.
+
+    Same calibration + same method + same model gives the same masks: the record's config
+    (:class:`~lit_prune.sparse.config.SparsityConfig`) and ``max_batches`` go to :func:`prune_sparse`, and the
+    masks it makes must reach the recorded sparsity in every Linear (exact integer counts) and have the recorded
+    digest. Before anything changes, it checks the config, that the model's prunable Linears are the recorded ones,
+    that the model carries the masks it carried when the plan was made (none, usually: a second replay is refused)
+    and that ``calibration`` is the recorded calibration (its token digest).
+
+    Args:
+        model: the model the plan was made on, as it was then (a Hugging Face causal LM or a wrapper).
+        record: a :class:`~lit_prune.plan.PruningPlan`'s ``sparsity`` (:data:`lit_prune.plan.SPARSITY_KEYS`).
+        calibration: the calibration batches the plan was made on (as for :func:`prune_sparse`); may be None only
+            for a method that reads none (``magnitude`` with ``uniform`` / ``linear_map`` and no TRIM).
+        progress: show progress bars.
+
+    Returns:
+        What :func:`prune_sparse` did.
+
+    Raises:
+        ValueError: before any change, for an invalid config, other Linears, other masks already on the model,
+            missing or other calibration; after pruning, if the masks differ from the record (the model is then
+            left pruned with the new masks: reload it to undo).
+    """
+    try:
+        config = SparsityConfig(**record["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"The plan's sparsity config is invalid: {err}; nothing was modified") from None
+    names = [name for block in block_linears(model) for name in block]
+    recorded: Mapping[str, float] = record["linears"]
+    missing = [n for n in recorded if n not in set(names)]
+    extra = [n for n in names if n not in recorded]
+    if missing or extra:
+        raise ValueError(
+            f"The plan records the sparsity of {len(recorded)} Linears, this model has {len(names)} prunable Linears "
+            f"(not in the model: {missing[:3]}{'...' if len(missing) > 3 else ''}; not in the plan: "
+            f"{extra[:3]}{'...' if len(extra) > 3 else ''}): it was made on another model or at another step; "
+            "nothing was modified"
+        )
+    if masks_digest(masks_of(model)) != record.get("masks_before_sha256"):
+        state = "carried no masks" if record.get("masks_before_sha256") is None else "carried other masks"
+        raise ValueError(
+            f"The model carries other sparsity masks than when the plan was made (it {state} then): was the plan "
+            "already applied, or is an earlier step of the plan list missing? Nothing was modified"
+        )
+    expected = record.get("calibration")
+    uses_data = _uses_calibration(config)
+    batches = reiterable(calibration) if uses_data else None
+    if uses_data and batches is None:
+        made_on = f": {_counts_line(expected)}" if expected is not None else ""
+        raise ValueError(
+            f"This sparsity plan ({config.criterion}, {config.allocation} allocation) re-computes its masks from "
+            f"calibration batches: pass `calibration=` the batches it was made on{made_on}. Nothing was modified"
+        )
+    if batches is not None and expected is not None:
+        got = calibration_digest(batches, record.get("max_batches"))
+        if got != dict(expected):
+            raise ValueError(
+                f"The calibration differs from the one the sparsity plan was made on: got {_counts_line(got)}, the "
+                f"plan records {_counts_line(expected)}. Replay it on the same calibration windows (the same data, "
+                "`calibration_windows`, `calibration_seed`, `seq_len` and `batch_size`). Nothing was modified"
+            )
+    result = prune_sparse(model, batches, config=config, max_batches=record.get("max_batches"), progress=progress)
+    reached = result.record["linears"]
+    differ = [n for n in names if reached[n] != recorded[n]]
+    wanted_digest = record.get("masks_sha256")
+    if differ or (wanted_digest is not None and result.record["masks_sha256"] != wanted_digest):
+        what = (
+            f"{len(differ)} of {len(names)} Linears reached another sparsity (first {differ[0]!r}: "
+            f"{reached[differ[0]]:.6f}, the plan records {recorded[differ[0]]:.6f})"
+            if differ
+            else "every Linear reached the recorded sparsity but other weights were zeroed (the masks' digest differs)"
+        )
+        why = (
+            "the calibration matched the record, so the model's weights differ from the ones the plan was made on, "
+            "or the numerics do (another device, dtype or torch version)"
+            if expected is not None
+            else "the calibration or the model differs from the one the plan was made on"
+        )
+        raise ValueError(
+            f"The re-computed sparsity masks differ from the plan's: {what}; {why}. The model is left pruned with "
+            "the new masks: reload it to undo"
+        )
     return result

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lit_prune.sparse.masks import block_linears
+from lit_prune.arch import block_linears
 
 
 @dataclass(frozen=True)

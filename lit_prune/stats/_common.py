@@ -8,9 +8,7 @@ from itertools import islice
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
-from tqdm.auto import tqdm
 
 Batch = Tensor | Mapping[str, Tensor]
 Batches = Tensor | Iterable[Batch]
@@ -152,51 +150,3 @@ def _iterate(batches: Batches, max_batches: int | None) -> tuple[Iterator[Batch]
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     return islice(items, max_batches), total
-
-
-def hooked_pass(
-    model: Any,
-    batches: Batches,
-    attach: Any,
-    *,
-    max_batches: int | None,
-    progress: bool,
-    device: Any,
-    desc: str,
-) -> Any:
-    """One pass of the decoder stack (no LM head) over ``batches`` with the hooks ``attach`` registers.
-
-    ``attach(hf_model, hooks, current)`` registers hooks through ``hooks`` and returns the metric they fill; the pass
-    sets ``current["attention_mask"]`` before each batch. Runs under ``torch.no_grad()`` in eval mode; modes are
-    restored and hooks removed afterwards, also when the forward raises. Shared by the depth and width collectors and
-    the one-shot sparsity calibration; the forward is :meth:`~lit_prune.arch.ModelAdapter.forward_decoder`.
-
-    Returns:
-        The filled metric (on the device the pass ran on).
-
-    Raises:
-        ValueError: if ``max_batches`` is not a positive int or None, a batch is malformed, or there is no batch.
-    """
-    from lit_prune._validation import check_int
-    from lit_prune.arch import adapter_for
-    from lit_prune.eval._common import evaluating
-    from lit_prune.stats.hooks import Hooks
-
-    check_int("max_batches", max_batches, allow_none=True)
-    items, total = _iterate(batches, max_batches)
-    current: dict[str, Tensor | None] = {"attention_mask": None}
-    seen = 0
-    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
-        metric = attach(hf_model, hooks, current)
-        if isinstance(metric, torch.nn.Module):  # a torchmetrics Metric; plain statistics live where their Linear is
-            metric.to(target)
-        adapter = adapter_for(hf_model)
-        bar_off = not progress or getattr(rank_zero_only, "rank", 0) != 0  # under DDP one bar, on rank 0
-        for item in tqdm(items, total=total, desc=desc, disable=bar_off, leave=False):
-            ids, mask = _as_inputs(item)
-            current["attention_mask"] = None if mask is None else mask.to(target)
-            adapter.forward_decoder(hf_model, ids.to(target), current["attention_mask"])
-            seen += 1
-    if seen == 0:
-        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
-    return metric

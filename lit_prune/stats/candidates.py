@@ -12,24 +12,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torchmetrics import Metric
-from tqdm.auto import tqdm
 
 from lit_prune._validation import check_int
-from lit_prune.arch import adapter_for
-from lit_prune.eval._common import evaluating
-from lit_prune.stats._common import (
-    _F64,
-    Batches,
-    _as_inputs,
-    _check_names,
-    _iterate,
-    _last_tokens,
-    _ReadOnly,
-)
+from lit_prune.arch import adapter_for, unwrap
+from lit_prune.eval._common import model_device
+from lit_prune.functional.similarity import masked_sum, token_cosine, token_kl
+from lit_prune.stats._common import _F64, Batches, _check_names, _last_tokens, _ReadOnly
+from lit_prune.stats.engine import run_pass
 from lit_prune.stats.hooks import Hooks
 from lit_prune.stats.replay import BlockCalls
 
@@ -205,21 +196,71 @@ class GlobalStatistics(Metric):
         )
 
 
-def _cosine_sum(reference: Tensor, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Σ over non-pad tokens of ``cos(reference, hidden)`` for ``(B, T, d)`` inputs (float32 cosine, float64 sum)."""
-    cos = F.cosine_similarity(reference.float(), hidden.float(), dim=-1)  # (B, T)
-    if attention_mask is not None:
-        cos = torch.where(attention_mask.bool(), cos, 0.0)
-    return cos.sum(dtype=_F64)
+class CandidateReplay:
+    """Fills a :class:`GlobalStatistics` from each reference forward of a pass: the collector of the global criteria.
 
+    Its :class:`~lit_prune.stats.replay.BlockCalls` record (through the pass's hooks, see :meth:`attach`) the
+    arguments every block receives; the pass driver calls :meth:`on_batch` after each forward, hooks paused, with
+    the original final representation ``R``. There the prefix runs once: with ``h_i`` the input of block ``i``,
+    candidate ``i`` runs blocks ``i+1 .. L-1``, the final norm (and the LM head for ``kl``) from ``h_i``, after which
+    ``h_i`` advances through block ``i``. That is ``L (L + 3) / 2`` block calls per batch instead of ``L²`` for one
+    model copy per candidate.
 
-def _kl_sum(reference_logp: Tensor, reference_p: Tensor, logits: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Σ over non-pad tokens of ``KL(p ‖ q)``, ``q = softmax(logits)`` (float32), ``p`` given as probs and log-probs."""
-    logq = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    kl = (reference_p * (reference_logp - logq)).sum(-1)  # (B, T)
-    if attention_mask is not None:
-        kl = torch.where(attention_mask.bool(), kl, 0.0)
-    return kl.sum(dtype=_F64)
+    Raises:
+        ValueError: if ``metrics`` is invalid or ``kl`` is asked of a model without an LM head.
+    """
+
+    def __init__(self, model: nn.Module, metrics: Iterable[str], **metric_kwargs: Any) -> None:
+        adapter = adapter_for(model)
+        self.blocks = adapter.blocks(model)
+        self.metric = GlobalStatistics(len(self.blocks), adapter.hidden_size(model), metrics, **metric_kwargs)
+        self.head = adapter.lm_head(model)
+        if "kl" in self.metric.metrics and self.head is None:
+            raise ValueError(f"metric 'kl' needs an LM head, but {type(model).__name__} has none")
+        self.norm = adapter.final_norm(model)
+        self.calls = BlockCalls(self.blocks)
+        self.metric.to(model_device(model))
+
+    def attach(self, hooks: Hooks) -> CandidateReplay:
+        """Record the blocks' calls through ``hooks`` (a pass's), with the metric where the model is now; ``self``."""
+        self.calls.attach(hooks)
+        self.metric.to(model_device(self.blocks))
+        return self
+
+    def on_batch(self, model: nn.Module, ids: Tensor, mask: Tensor | None, output: Any) -> None:
+        """Score every candidate on the batch just forwarded (``output``: the decoder's, final norm applied)."""
+        metric, head, blocks, calls = self.metric, self.head, self.blocks, self.calls
+        L = len(blocks)
+        reference = output.last_hidden_state  # (B, T, d)
+        ref_logp = ref_p = None
+        if head is not None and "kl" in metric.metrics:
+            ref_logp = torch.log_softmax(head(reference).float(), dim=-1)  # (B, T, V)
+            ref_p = ref_logp.exp()
+        rows, positions = _last_tokens(mask, ids.size(0), ids.size(1), ids.device)
+        cos_sums, kl_sums, last_rows = [], [], []
+        hidden = calls.first_input
+        assert hidden is not None  # set by the pre-hook of block 0 during the forward
+        for i in range(L):
+            out = hidden
+            for j in range(i + 1, L):
+                out = calls.run(blocks[j], j, out)
+            final = self.norm(out)  # (B, T, d): R_{-i}
+            if "cosine" in metric.metrics:
+                cos_sums.append(masked_sum(token_cosine(reference, final), mask))
+            if ref_logp is not None and ref_p is not None and head is not None:
+                kl_sums.append(masked_sum(token_kl(ref_logp, head(final), ref_p), mask))
+            if "cka" in metric.metrics:
+                last_rows.append(final[rows, positions])  # (B', d)
+            if i < L - 1:
+                hidden = calls.run(blocks[i], i, hidden)  # h_{i+1}
+        metric.update(
+            num_tokens=ids.numel() if mask is None else int(mask.sum()),
+            cosine_sum=torch.stack(cos_sums) if cos_sums else None,
+            kl_sum=torch.stack(kl_sums) if kl_sums else None,
+            reference_last=reference[rows, positions] if last_rows else None,
+            candidate_last=torch.stack(last_rows) if last_rows else None,
+        )
+        calls.clear()
 
 
 def collect_global_statistics(
@@ -232,14 +273,12 @@ def collect_global_statistics(
 ) -> GlobalStatistics:
     """Compare, for every candidate block, the original model's output with that of the model without the block.
 
-    Per batch: one ordinary decoder forward gives the original final representation ``R`` (after the final norm)
-    and, through pre-hooks, the arguments each block receives (causal mask, position ids and embeddings;
-    ``use_cache=False``). Then the prefix runs once: with ``h_i`` the input of block ``i``, candidate ``i`` runs
-    blocks ``i+1 .. L-1``, the final norm (and the LM head for ``kl``) from ``h_i``, after which ``h_i`` advances
-    through block ``i``. That is ``L (L + 3) / 2`` block calls per batch instead of ``L²`` for one model copy per
-    candidate. Working memory is one batch's: a few ``(B, T, d)`` hidden states, plus, for ``kl``, the original
-    log-probabilities and probabilities ``(B, T, V)`` float32 and one candidate's; it does not grow with the number
-    of batches. Last-token rows ``(L, B, d)`` are kept per batch for ``cka``.
+    One :func:`~lit_prune.stats.engine.run_pass` with a :class:`CandidateReplay`: per batch, one ordinary decoder
+    forward gives the original final representation ``R`` (after the final norm) and, through pre-hooks, the
+    arguments each block receives (causal mask, position ids and embeddings; ``use_cache=False``); then every
+    candidate is replayed from its block's input. Working memory is one batch's: a few ``(B, T, d)`` hidden states,
+    plus, for ``kl``, the original log-probabilities and probabilities ``(B, T, V)`` float32 and one candidate's; it
+    does not grow with the number of batches. Last-token rows ``(L, B, d)`` are kept per batch for ``cka``.
 
     Args:
         model: a Hugging Face causal LM (or a wrapper around one) whose family has an adapter.
@@ -258,61 +297,17 @@ def collect_global_statistics(
             not a positive int or None, a batch is malformed, or there is no batch.
         TypeError: if a batch is neither a tensor nor a dict with ``input_ids``.
     """
-    check_int("max_batches", max_batches, allow_none=True)
-    adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
-    L = len(blocks)
-    metric = GlobalStatistics(L, adapter.hidden_size(model), metrics)
-    head = adapter.lm_head(model)
-    if "kl" in metric.metrics and head is None:
-        raise ValueError(f"metric 'kl' needs an LM head, but {type(model).__name__} has none")
-    items, total = _iterate(batches, max_batches)
-    capture = BlockCalls(blocks)
-    seen = 0
-    with evaluating(model, device) as (hf_model, target), torch.no_grad(), Hooks() as hooks:
-        metric.to(target)
-        norm = adapter.final_norm(hf_model)
-        capture.attach(hooks)
-        bar_off = not progress or getattr(rank_zero_only, "rank", 0) != 0  # under DDP one bar, on rank 0
-        for item in tqdm(items, total=total, desc="global statistics", disable=bar_off, leave=False):
-            ids, mask = _as_inputs(item)
-            ids, mask = ids.to(target), None if mask is None else mask.to(target)
-            capture.active = True
-            try:
-                reference = adapter.forward_decoder(hf_model, ids, mask).last_hidden_state  # (B, T, d)
-            finally:
-                capture.active = False
-            ref_logp = ref_p = None
-            if head is not None and "kl" in metric.metrics:
-                ref_logp = torch.log_softmax(head(reference).float(), dim=-1)  # (B, T, V)
-                ref_p = ref_logp.exp()
-            rows, positions = _last_tokens(mask, ids.size(0), ids.size(1), ids.device)
-            cos_sums, kl_sums, last_rows = [], [], []
-            hidden = capture.first_input
-            assert hidden is not None  # set by the pre-hook of block 0 during the forward above
-            for i in range(L):
-                out = hidden
-                for j in range(i + 1, L):
-                    out = capture.run(blocks[j], j, out)
-                final = norm(out)  # (B, T, d): R_{-i}
-                if "cosine" in metric.metrics:
-                    cos_sums.append(_cosine_sum(reference, final, mask))
-                if ref_logp is not None and ref_p is not None and head is not None:
-                    kl_sums.append(_kl_sum(ref_logp, ref_p, head(final), mask))
-                if "cka" in metric.metrics:
-                    last_rows.append(final[rows, positions])  # (B', d)
-                if i < L - 1:
-                    hidden = capture.run(blocks[i], i, hidden)  # h_{i+1}
-            metric.update(
-                num_tokens=ids.numel() if mask is None else int(mask.sum()),
-                cosine_sum=torch.stack(cos_sums) if cos_sums else None,
-                kl_sum=torch.stack(kl_sums) if kl_sums else None,
-                reference_last=reference[rows, positions] if last_rows else None,
-                candidate_last=torch.stack(last_rows) if last_rows else None,
-            )
-            seen += 1
-        capture.clear()
-    if seen == 0:
-        raise ValueError("`batches` is empty: no calibration batch to collect statistics from")
-    log.debug("Global statistics %s over %d batches for %d candidate blocks", sorted(metric.metrics), seen, L)
+    replay = CandidateReplay(unwrap(model), metrics)  # validated before any forward
+    collectors = run_pass(
+        model,
+        batches,
+        {"replay": lambda hf_model, hooks, current: replay.attach(hooks)},
+        on_batch=replay.on_batch,
+        max_batches=max_batches,
+        progress=progress,
+        device=device,
+        desc="global statistics",
+    )
+    metric: GlobalStatistics = collectors["replay"].metric
+    log.debug("Global statistics %s for %d candidate blocks", sorted(metric.metrics), metric.num_blocks)
     return metric

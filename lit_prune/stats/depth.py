@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
 from lit_prune._validation import check_int
 from lit_prune.arch import adapter_for
+from lit_prune.functional.similarity import CKA_FORMS, CKAForm, masked_count, masked_sum, token_cosine
 from lit_prune.stats._common import (
     _F64,
     Batches,
@@ -30,14 +33,28 @@ from lit_prune.stats._common import (
     _last_tokens,
     _ReadOnly,
     _tokens,
-    hooked_pass,
 )
+from lit_prune.stats.engine import hooked_pass
 from lit_prune.stats.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
 DEPTH_NEEDS = ("angular", "bi", "cka_all", "cka_last")
 """What a :class:`DepthStatistics` can collect."""
+
+
+@dataclass(frozen=True, repr=False)
+class CKARows:
+    """Linear-CKA rows of the boundaries ``h_0 .. h_L`` (the ``n × n`` form; float64).
+
+    Args:
+        rows: ``(L+1, n, d)``, the ``n`` rows (samples or tokens, every rank's in rank order) of each boundary.
+    """
+
+    rows: Tensor
+
+    def __repr__(self) -> str:
+        return f"CKARows(rows={tuple(self.rows.shape)})"
 
 
 class DepthStats(_ReadOnly):
@@ -51,8 +68,8 @@ class DepthStats(_ReadOnly):
         angular_sum: ``(L+1, L+1)``, entry ``[i, j]`` (``i < j``): Σ over samples of ``arccos(cos(h_i, h_j)) / π``
             at the last non-pad token; zero on and below the diagonal.
         angular_count: ``(L+1, L+1)``, the samples behind each entry of ``angular_sum``.
-        cka_last: CKA sums over the last non-pad token of each sample.
-        cka_all: CKA sums over every non-pad token.
+        cka_last: CKA sums (or rows, with ``cka_form="rows"``) over the last non-pad token of each sample.
+        cka_all: CKA sums (or rows) over every non-pad token.
     """
 
     __slots__ = (
@@ -71,8 +88,8 @@ class DepthStats(_ReadOnly):
     bi_count: Tensor | None
     angular_sum: Tensor | None
     angular_count: Tensor | None
-    cka_last: CKASums | None
-    cka_all: CKASums | None
+    cka_last: CKASums | CKARows | None
+    cka_all: CKASums | CKARows | None
 
     def __init__(
         self,
@@ -82,8 +99,8 @@ class DepthStats(_ReadOnly):
         bi_count: Tensor | None = None,
         angular_sum: Tensor | None = None,
         angular_count: Tensor | None = None,
-        cka_last: CKASums | None = None,
-        cka_all: CKASums | None = None,
+        cka_last: CKASums | CKARows | None = None,
+        cka_all: CKASums | CKARows | None = None,
     ) -> None:
         self._set(
             num_blocks=num_blocks,
@@ -103,15 +120,21 @@ class DepthStatistics(Metric):
     Only the states that ``needs`` asks for are allocated (``L`` blocks, width ``d``, float64):
 
     * ``bi``: ``bi_sum``/``bi_count`` ``(L,)``: Σ over non-pad tokens of ``cos(h_i, h_{i+1})`` and the token count.
-      The cosine is computed in float32 (per token, from the hidden states cast to float32) and summed in float64.
+      The cosine is computed in float32 (per token, from the hidden states cast to float32) and summed in float64
+      (:func:`~lit_prune.functional.similarity.token_cosine`, :func:`~lit_prune.functional.similarity.masked_sum`).
     * ``angular``: ``angular_sum``/``angular_count`` ``(L+1, L+1)``: Σ over samples of ``arccos(cos(h_i, h_j))/π``
       at the last non-pad token for every boundary pair ``i < j`` (float64), serving the one-block angular
       distance (``j = i + 1``) and the n-block variant of Gromov et al. (``j = i + n``).
     * ``cka_last`` / ``cka_all``: ``cka_{last,all}_gram`` ``(L+1, d, d)``, ``_cross`` ``(L, d, d)``, ``_colsum``
       ``(L+1, d)``, ``_count`` ``(L,)``: linear-CKA sums over the last non-pad token of each sample / over every
       non-pad token, accumulated in float64. Each takes ``(2L + 1) d² · 8`` bytes (162 MB for SmolLM2-135M).
+      With ``cka_form="rows"`` they are instead ``cka_{last,all}_rows``: the rows themselves, a list of ``(B', L+1,
+      d)`` float64 tensors per batch, concatenated over ranks (``dist_reduce_fx="cat"``), ``(L+1) n d · 8`` bytes
+      for ``n`` rows; the criterion then uses the ``n × n`` form of CKA, cheaper when ``n < d``
+      (:func:`~lit_prune.functional.similarity.cka_form`).
 
-    Memory does not depend on the number of calibration tokens. Per batch, :meth:`update` is called once per
+    Memory does not depend on the number of calibration tokens (except for ``cka_form="rows"``). Per batch,
+    :meth:`update` is called once per
     block in order ``0 .. L-1`` (the forward hooks of :func:`collect_depth_statistics` do that); the angular pairs
     need the last-token rows ``(B, d)`` of the boundaries seen so far in the batch, kept until the next batch.
 
@@ -119,11 +142,13 @@ class DepthStatistics(Metric):
         num_blocks: ``L``.
         hidden_size: ``d``.
         needs: a non-empty subset of ``{"bi", "angular", "cka_last", "cka_all"}``.
+        cka_form: ``"sums"`` (default; ``d × d`` Gram sums, memory independent of ``n``) or ``"rows"`` (keep the
+            rows; for few samples of a wide model, e.g. CKA-LoRA's).
         **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``sync_on_compute``).
 
     Raises:
-        ValueError: if ``num_blocks`` or ``hidden_size`` is not a positive int, or ``needs`` is empty or names
-            something unknown.
+        ValueError: if ``num_blocks`` or ``hidden_size`` is not a positive int, ``needs`` is empty or names
+            something unknown, or ``cka_form`` is not ``"sums"`` or ``"rows"``.
     """
 
     is_differentiable = False
@@ -135,12 +160,16 @@ class DepthStatistics(Metric):
     angular_sum: Tensor
     angular_count: Tensor
 
-    def __init__(self, num_blocks: int, hidden_size: int, needs: Iterable[str], **kwargs: Any) -> None:
+    def __init__(
+        self, num_blocks: int, hidden_size: int, needs: Iterable[str], cka_form: CKAForm = "sums", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         check_int("num_blocks", num_blocks)
         check_int("hidden_size", hidden_size)
         self.needs = _check_names("needs", needs, DEPTH_NEEDS)
-        self.num_blocks, self.hidden_size = num_blocks, hidden_size
+        if cka_form not in CKA_FORMS:
+            raise ValueError(f"`cka_form` must be one of {list(CKA_FORMS)}, got {cka_form!r}")
+        self.num_blocks, self.hidden_size, self.cka_form = num_blocks, hidden_size, cka_form
         L, d = num_blocks, hidden_size
         if "bi" in self.needs:
             self.add_state("bi_sum", torch.zeros(L, dtype=_F64), dist_reduce_fx="sum")
@@ -149,18 +178,22 @@ class DepthStatistics(Metric):
             self.add_state("angular_sum", torch.zeros(L + 1, L + 1, dtype=_F64), dist_reduce_fx="sum")
             self.add_state("angular_count", torch.zeros(L + 1, L + 1, dtype=_F64), dist_reduce_fx="sum")
         for kind in ("last", "all"):
-            if f"cka_{kind}" in self.needs:
+            if f"cka_{kind}" in self.needs and cka_form == "rows":
+                self.add_state(f"cka_{kind}_rows", [], dist_reduce_fx="cat")  # per batch (B', L+1, d)
+            elif f"cka_{kind}" in self.needs:
                 self.add_state(f"cka_{kind}_gram", torch.zeros(L + 1, d, d, dtype=_F64), dist_reduce_fx="sum")
                 self.add_state(f"cka_{kind}_cross", torch.zeros(L, d, d, dtype=_F64), dist_reduce_fx="sum")
                 self.add_state(f"cka_{kind}_colsum", torch.zeros(L + 1, d, dtype=_F64), dist_reduce_fx="sum")
                 self.add_state(f"cka_{kind}_count", torch.zeros(L, dtype=_F64), dist_reduce_fx="sum")
         self._angular_rows: list[Tensor] = []  # unit last-token rows (B', d) of h_0 .. h_b in the current batch
+        self._cka_rows: dict[str, list[Tensor]] = {"last": [], "all": []}  # rows form: h_0 .. h_b of this batch
         self._next_block = 0
 
     def reset(self) -> None:
         """Zero every state and forget the rows of a batch in progress."""
         super().reset()
         self._angular_rows = []
+        self._cka_rows = {"last": [], "all": []}
         self._next_block = 0
 
     def update(  # type: ignore[override]
@@ -194,11 +227,9 @@ class DepthStatistics(Metric):
         x_in, x_out = x_in.to(device), x_out.to(device)
         mask = None if attention_mask is None else attention_mask.to(device)
         if "bi" in self.needs:
-            cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # (B, T), float32
-            if mask is not None:  # where, not a product: padded positions may hold NaN
-                cos = torch.where(mask.bool(), cos, 0.0)
-            self.bi_sum[block] += cos.sum(dtype=_F64)
-            self.bi_count[block] += cos.numel() if mask is None else mask.bool().sum()
+            cos = token_cosine(x_in, x_out)  # (B, T), float32
+            self.bi_sum[block] += masked_sum(cos, mask)  # padded positions may hold NaN: dropped, not multiplied
+            self.bi_count[block] += masked_count(cos, mask)
         if self.needs & {"angular", "cka_last"}:
             rows, positions = _last_tokens(mask, x_in.size(0), x_in.size(1), device)
             last_in = x_in[rows, positions].to(_F64)  # (B', d)
@@ -224,7 +255,17 @@ class DepthStatistics(Metric):
             self._angular_rows = []
 
     def _update_cka(self, kind: str, block: int, x: Tensor, y: Tensor) -> None:
-        """Add ``(N, d)`` float64 rows of a block's input ``x`` and output ``y`` to the CKA sums."""
+        """Add ``(N, d)`` float64 rows of a block's input ``x`` and output ``y`` to the CKA sums (or rows)."""
+        if self.cka_form == "rows":
+            batch_rows = self._cka_rows[kind]
+            if block == 0:  # a new batch (also after an interrupted one)
+                batch_rows.clear()
+                batch_rows.append(x)
+            batch_rows.append(y)
+            if block == self.num_blocks - 1:
+                getattr(self, f"cka_{kind}_rows").append(torch.stack(batch_rows, dim=1))  # (N, L+1, d)
+                batch_rows.clear()
+            return
         gram, cross = getattr(self, f"cka_{kind}_gram"), getattr(self, f"cka_{kind}_cross")
         colsum, count = getattr(self, f"cka_{kind}_colsum"), getattr(self, f"cka_{kind}_count")
         if block == 0:  # later boundaries h_{i+1} arrive as block outputs
@@ -242,9 +283,15 @@ class DepthStatistics(Metric):
             value = getattr(self, name, None)
             return value.clone() if isinstance(value, Tensor) else None
 
-        def cka(kind: str) -> CKASums | None:
+        def cka(kind: str) -> CKASums | CKARows | None:
             if f"cka_{kind}" not in self.needs:
                 return None
+            if self.cka_form == "rows":
+                value = getattr(self, f"cka_{kind}_rows")  # a list, or one tensor after a DDP sync
+                if isinstance(value, list) and not value:  # no batch yet: no rows
+                    empty = torch.zeros(self.num_blocks + 1, 0, self.hidden_size, dtype=_F64, device=self.device)
+                    return CKARows(empty)
+                return CKARows(dim_zero_cat(value).movedim(0, 1).contiguous())  # (L+1, n, d)
             parts = {part: state(f"cka_{kind}_{part}") for part in ("gram", "cross", "colsum", "count")}
             return CKASums(**parts)  # type: ignore[arg-type]
 
@@ -267,6 +314,8 @@ def collect_depth_statistics(
     max_batches: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    *,
+    cka_form: CKAForm = "sums",
 ) -> DepthStatistics:
     """One pass of the decoder stack over calibration batches, filling a :class:`DepthStatistics` from hooks.
 
@@ -283,6 +332,7 @@ def collect_depth_statistics(
         max_batches: stop after this many batches (None: all).
         progress: show a tqdm progress bar.
         device: where to run; default the model's current device (the statistics live there too).
+        cka_form: how the ``cka_*`` needs are kept (see :class:`DepthStatistics`): ``"sums"`` or ``"rows"``.
 
     Returns:
         The filled metric; ``.compute()`` gives the :class:`DepthStats` (summed over ranks under DDP).
@@ -295,7 +345,7 @@ def collect_depth_statistics(
     metric = hooked_pass(
         model,
         batches,
-        lambda hf_model, hooks, current: attach_depth_statistics(hf_model, needs, hooks, current),
+        lambda hf_model, hooks, current: attach_depth_statistics(hf_model, needs, hooks, current, cka_form),
         max_batches=max_batches,
         progress=progress,
         device=device,
@@ -307,17 +357,22 @@ def collect_depth_statistics(
 
 
 def attach_depth_statistics(
-    model: nn.Module, needs: Iterable[str], hooks: Hooks, current: dict[str, Tensor | None]
+    model: nn.Module,
+    needs: Iterable[str],
+    hooks: Hooks,
+    current: dict[str, Tensor | None],
+    cka_form: CKAForm = "sums",
+    **metric_kwargs: Any,
 ) -> DepthStatistics:
     """Register, through ``hooks``, forward hooks that fill a new :class:`DepthStatistics` from ``model``'s blocks.
 
-    For callers that run the forward passes themselves (e.g. to collect statistics while evaluating something
-    else): they set ``current["attention_mask"]`` before each batch, and remove the hooks (leave the ``Hooks``
-    context) when done. The metric is sized for the blocks the model has now.
+    An ``Attach`` of the pass driver (:func:`~lit_prune.stats.engine.run_pass`), which sets
+    ``current["attention_mask"]`` before each batch and removes the hooks when done. The metric is sized for the
+    blocks the model has now; ``metric_kwargs`` go to it (e.g. ``sync_on_compute=False``).
     """
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
-    metric = DepthStatistics(len(blocks), adapter.hidden_size(model), needs)
+    metric = DepthStatistics(len(blocks), adapter.hidden_size(model), needs, cka_form, **metric_kwargs)
 
     def block_hook(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:

@@ -1,8 +1,10 @@
-"""``Hooks``: forward (pre-)hooks owned by one object and always removed."""
+"""``Hooks``: forward (pre-)hooks owned by one object, paused together and always removed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -14,7 +16,8 @@ class Hooks:
     """Owns forward (pre-)hooks and removes all of them on exit, also when the body raises.
 
     Lifecycle: enter the context, register with :meth:`forward` / :meth:`forward_pre` (handles are kept), run the
-    model; ``__exit__`` calls :meth:`remove`, which removes every handle registered through this object.
+    model; ``__exit__`` calls :meth:`remove`, which removes every handle registered through this object. Inside
+    :meth:`paused` none of them runs (a pass driver replays blocks there without disturbing the statistics).
 
     Example:
         >>> import torch
@@ -29,18 +32,35 @@ class Hooks:
 
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
+        self._paused = False
+
+    def _gated(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(hook)
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            return None if self._paused else hook(*args, **kwargs)
+
+        return gated
 
     def forward(self, module: nn.Module, hook: Callable[..., Any]) -> RemovableHandle:
         """Register ``hook(module, args, kwargs, output)`` after ``module``'s forward."""
-        handle = module.register_forward_hook(hook, with_kwargs=True)
+        handle = module.register_forward_hook(self._gated(hook), with_kwargs=True)
         self._handles.append(handle)
         return handle
 
     def forward_pre(self, module: nn.Module, hook: Callable[..., Any]) -> RemovableHandle:
         """Register ``hook(module, args, kwargs)`` before ``module``'s forward."""
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        handle = module.register_forward_pre_hook(self._gated(hook), with_kwargs=True)
         self._handles.append(handle)
         return handle
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside, no hook registered through this object runs (they stay registered)."""
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
 
     def remove(self) -> None:
         """Remove every hook registered through this object."""

@@ -20,7 +20,8 @@ from torchmetrics import Metric
 
 from lit_prune._validation import check_int
 from lit_prune.arch import adapter_for
-from lit_prune.stats._common import _F64, Batches, _check_mask, _check_names, _ReadOnly, _tokens, hooked_pass
+from lit_prune.stats._common import _F64, Batches, _check_mask, _check_names, _ReadOnly, _tokens
+from lit_prune.stats.engine import hooked_pass
 from lit_prune.stats.hooks import Hooks
 
 log = logging.getLogger(__name__)
@@ -339,14 +340,15 @@ def collect_width_statistics(
 
 
 def attach_width_statistics(
-    model: nn.Module, needs: Iterable[str], hooks: Hooks, current: dict[str, Tensor | None]
+    model: nn.Module, needs: Iterable[str], hooks: Hooks, current: dict[str, Tensor | None], **metric_kwargs: Any
 ) -> WidthStatistics:
     """Register, through ``hooks``, forward pre-hooks that fill a new :class:`WidthStatistics` from ``model``.
 
-    For callers that run the forward passes themselves: they set ``current["attention_mask"]`` before each batch
-    and remove the hooks when done. Pre-hooks registered on the same projections *before* these (e.g. masks that
-    zero pruned heads) act first, so the statistics see what the masked model computes. Sized for the model's
-    current widths.
+    An ``Attach`` of the pass driver (:func:`~lit_prune.stats.engine.run_pass`), which sets
+    ``current["attention_mask"]`` before each batch and removes the hooks when done; ``metric_kwargs`` go to the
+    metric (e.g. ``sync_on_compute=False``). Pre-hooks registered on the same projections *before* these (e.g.
+    masks that zero pruned heads) act first, so the statistics see what the masked model computes. Sized for the
+    model's current widths.
 
     Raises:
         ValueError: if a block's q_proj and o_proj widths disagree, or ``needs`` is invalid.
@@ -360,6 +362,7 @@ def attach_width_statistics(
         head_dim,
         adapter.hidden_size(model),
         needs,
+        **metric_kwargs,
     )
 
     def site_hook(block: int, site: str) -> Callable[..., None]:

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_prune import CausalLMModule
 from lit_prune.callbacks import WidthPruning
-from lit_prune.shapes import block_shapes
+from lit_prune.surgery import block_shapes
 
 
 class RankCalibration(WidthPruning):

@@ -138,7 +138,7 @@ def test_depth_pruning_misconfiguration():
         DepthPruning(num_layers=1, protect=[-1])
     with pytest.raises(MisconfigurationException, match="`at_epoch` must be None or an int >= 0, got -1"):
         DepthPruning(num_layers=1, at_epoch=-1)
-    with pytest.raises(MisconfigurationException, match="`consensus_of` must name criteria"):
+    with pytest.raises(MisconfigurationException, match=r"`consensus_of` must be one of \[.*\], got 'consensus'"):
         DepthPruning(criterion="consensus", num_layers=1, consensus_of=["bi", "consensus"])
 
 
@@ -248,7 +248,7 @@ def test_calibration_batches_cap_the_counted_windows_and_random_never_warns():
 
 
 def test_make_depth_plan_warns_on_a_near_tie_and_checks_the_window_count():
-    from lit_prune.surgery import make_depth_plan
+    from lit_prune.allocation import make_depth_plan
 
     model = _model()
     scores = [0.0, 1.0, 1.02, 2.0, 3.0, 4.0]

@@ -20,7 +20,7 @@ from lit_prune.callbacks import CKALoRA, DepthPruning, LoRA, MixtureOfPruners, W
 from lit_prune.functional import next_token_nll
 from lit_prune.plan import PruningPlan
 from lit_prune.recovery import LLAMA_TARGETS, LoRASpec, attach_to_module, is_lora, merge_adapters
-from lit_prune.shapes import BlockShape, block_shapes, is_uniform
+from lit_prune.surgery import BlockShape, block_shapes, is_uniform
 
 CFG = tiny_config()
 HD = CFG.head_dim  # 24

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from lit_prune import CausalLMModule
 from lit_prune.arch import adapter_for
 from lit_prune.callbacks import MixtureOfPruners
-from lit_prune.shapes import block_shapes
+from lit_prune.surgery import block_shapes
 
 
 def _model(seed: int = 0) -> LlamaForCausalLM:

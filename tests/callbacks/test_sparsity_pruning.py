@@ -170,3 +170,103 @@ def test_prune_command_with_sparsity_saves_an_exactly_sparse_model(tmp_path, tin
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert sparsity_report(saved).zeros == round(0.6 * _prunable(saved))
     assert "## Sparsity" in (tmp_path / "pruned/report.md").read_text()
+
+
+# --- the plan replays: lit_prune.surgery.apply_plan re-computes the masks ----------------------------------------
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(criterion="sparsegpt", sparsity=0.6, allocation="owl", protocol="one_shot"),
+        dict(criterion="wanda", sparsity=0.5, trim=True),
+        dict(criterion="wanda", n_m="2:4"),
+    ],
+)
+def test_the_plan_replays_to_the_same_masks_and_weights(tmp_path, options):
+    from lit_prune.plan import PruningPlan
+    from lit_prune.sparse.record import config_record
+    from lit_prune.surgery import apply_plan
+
+    model = _model()
+    callback = SparsityPruning(**options, calibration_batches=1, verbose=0)
+    plan = callback.prune(CausalLMModule(model=model), _loader())
+    assert plan.sparsity["config"] == config_record(callback.config)
+    assert plan.sparsity["max_batches"] == 1 and plan.sparsity["calibration"]["sequences"] == 2  # one batch of 2
+    assert set(plan.sparsity["linears"]) == set(prunable_linears(model))
+    up = model.model.layers[0].mlp.up_proj
+    assert plan.sparsity["linears"]["model.layers.0.mlp.up_proj"] == int((up.weight == 0).sum()) / up.weight.numel()
+    replayed = PruningPlan.from_json(plan.to_json(tmp_path / "plan.json"))
+    fresh = _model()
+    apply_plan(fresh, replayed, calibration=_loader())
+    for (name, p), (_, q) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name  # weights (SparseGPT's updates too) and the `weight_mask` buffers
+
+
+def test_a_replay_on_other_weights_fails_after_pruning():
+    from lit_prune.surgery import apply_plan
+
+    plan = SparsityPruning(criterion="wanda", sparsity=0.5, verbose=0).prune(CausalLMModule(model=_model()), _loader())
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(tiny_config(intermediate_size=96))
+    with pytest.raises(ValueError, match=r"The re-computed sparsity masks differ from the plan's: every Linear reached "
+                       r"the recorded sparsity but other weights were zeroed .*the calibration matched the record, so "
+                       r"the model's weights differ .*The model is left pruned with the new masks: reload it to undo"):
+        apply_plan(other, plan, calibration=_loader())
+    assert masks_of(other)  # as the message says
+
+
+def test_sparsity_replay_misconfiguration():
+    from lit_prune.plan import PruningPlan
+    from lit_prune.surgery import apply_plan
+
+    plan = SparsityPruning(criterion="wanda", sparsity=0.5, allocation="owl", verbose=0).prune(
+        CausalLMModule(model=_model()), _loader()
+    )
+    fresh = _model()
+    before = _state(fresh)
+
+    def unchanged():
+        after = fresh.state_dict()
+        return after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+    with pytest.raises(ValueError, match=r"This sparsity plan \(wanda, owl allocation\) re-computes its masks from "
+                       r"calibration batches: pass `calibration=` the batches it was made on: 2 batches, 4 sequences, "
+                       r"64 tokens \(sha256 [0-9a-f]{12}\.\.\.\)\. Nothing was modified"):
+        apply_plan(fresh, plan)
+    with pytest.raises(ValueError, match=r"The calibration differs from the one the sparsity plan was made on: got 2 "
+                       r"batches, 4 sequences, 64 tokens \(sha256 .*the plan records 2 batches.*Nothing was modified"):
+        apply_plan(fresh, plan, calibration=_loader(seed=1))
+    with pytest.raises(ValueError, match=r"got 1 batches, 2 sequences, 32 tokens"):
+        apply_plan(fresh, plan, calibration=_loader(n=2))
+    bad = PruningPlan(num_layers=4, method=plan.method,
+                      sparsity=plan.sparsity | {"config": plan.sparsity["config"] | {"owl_m": 0}})
+    with pytest.raises(ValueError, match=r"The plan's sparsity config is invalid: `owl_m` must be a finite number in "
+                       r"\(0.0, inf\), got 0; nothing was modified"):
+        apply_plan(fresh, bad, calibration=_loader())
+    old = PruningPlan(num_layers=4, method="sparsity:wanda", meta=plan.meta)  # format version 2: no record
+    with pytest.raises(ValueError, match=r"a sparsity plan without a `sparsity` record .* nothing to replay; run its "
+                       r"SparsityPruning config again"):
+        apply_plan(fresh, old, calibration=_loader())
+    assert unchanged() and not masks_of(fresh)
+
+    shallower = _model()
+    from lit_prune.surgery import remove_blocks
+
+    remove_blocks(shallower, [3])
+    with pytest.raises(ValueError, match=r"The plan was made for a model with 4 blocks, this one has 3"):
+        apply_plan(shallower, plan, calibration=_loader())
+    renamed = PruningPlan(num_layers=4, method=plan.method, sparsity=plan.sparsity | {
+        "linears": {k.replace("layers.3.", "layers.9."): v for k, v in plan.sparsity["linears"].items()}})
+    with pytest.raises(ValueError, match=r"The plan records the sparsity of 28 Linears, this model has 28 prunable "
+                       r"Linears \(not in the model: \['model.layers.9.self_attn.q_proj'.*another model or at another "
+                       r"step; nothing was modified"):
+        apply_plan(fresh, renamed, calibration=_loader())
+    assert unchanged()
+
+    apply_plan(fresh, plan, calibration=iter(list(_loader())))  # a one-pass iterator is read once and kept
+    with pytest.raises(ValueError, match=r"The model carries other sparsity masks than when the plan was made \(it "
+                       r"carried no masks then\): was the plan already applied.*Nothing was modified"):
+        apply_plan(fresh, plan, calibration=_loader())

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from lit_prune import CausalLMModule, load_pretrained, save_pretrained
 from lit_prune.arch import adapter_for
 from lit_prune.callbacks import WidthPruning
-from lit_prune.shapes import block_shapes, loads_without_lit_prune
+from lit_prune.surgery import block_shapes, loads_without_lit_prune
 
 HD = 24
 ZERO_HEADS = (1, 3)  # one query head in each of the two KV groups

@@ -12,9 +12,8 @@ from lit_prune.eval import perplexity
 from lit_prune.mop import MoPSearch, register_width_masks, skipping_block
 from lit_prune.mop.search import DEPTH, WIDTH
 from lit_prune.plan import PruningPlan
-from lit_prune.shapes import block_shapes, loads_without_lit_prune
 from lit_prune.stats import Hooks
-from lit_prune.surgery import apply_plan
+from lit_prune.surgery import apply_plan, block_shapes, loads_without_lit_prune
 
 
 def _model(layers: int = 6, seed: int = 0) -> LlamaForCausalLM:

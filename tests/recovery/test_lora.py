@@ -232,6 +232,28 @@ def test_check_lora_args(kwargs, match):
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"r": 0}, "`r` must be an int >= 1, got 0"),
+        ({"alpha": 0.0}, "`alpha` must be positive, got 0.0"),
+        ({"target_modules": "q_proj"}, "`target_modules` must be a non-empty list of module names"),
+        ({"layers": (-1,)}, r"`layers` must be None or a non-empty list of block indices, got \[-1\]"),
+        ({"layers": ()}, r"`layers` must be None or a non-empty list of block indices, got \[\]"),
+        ({"layers": (True,)}, r"`layers` must be None or a non-empty list of block indices, got \[True\]"),
+    ],
+)
+def test_spec_is_checked_on_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRASpec(**kwargs)
+
+
+def test_spec_stores_lists_as_tuples():
+    spec = LoRASpec(target_modules=["q_proj"], layers=[2, 0])  # type: ignore[arg-type]  # as YAML gives them
+    assert spec.target_modules == ("q_proj",) and spec.layers == (2, 0)
+    assert LoRASpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
     ("spec", "match"),
     [
         (
@@ -240,8 +262,6 @@ def test_check_lora_args(kwargs, match):
             r"the blocks have \['down_proj', 'gate_proj', 'k_proj'",
         ),
         (LoRASpec(layers=(0, 4)), r"`layers` must be a non-empty list of block indices in 0..3, got \[0, 4\]"),
-        (LoRASpec(layers=(-1,)), r"`layers` must be a non-empty list of block indices in 0..3, got \[-1\]"),
-        (LoRASpec(layers=()), r"`layers` must be a non-empty list of block indices in 0..3, got \[\]"),
     ],
 )
 def test_specs_that_do_not_fit_leave_the_model_alone(spec, match):

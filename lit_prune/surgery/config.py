@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from lit_prune.arch import adapter_for, model_config
+from lit_prune.arch import adapter_for, model_config, text_config
+from lit_prune.surgery.width import prune_heads, prune_neurons
 
 LAYER_SHAPES_KEY = "lit_prune_layer_shapes"
 """Config attribute (and ``config.json`` key) holding one :class:`BlockShape` dict per block of a non-uniform model."""
@@ -28,13 +29,6 @@ class BlockShape:
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
-
-
-def _text_config(model: nn.Module) -> Any:
-    cfg = model_config(model)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        return cfg.get_text_config(decoder=True)
-    return cfg
 
 
 def block_shapes(model: nn.Module) -> list[BlockShape]:
@@ -63,7 +57,7 @@ def sync_config(model: nn.Module) -> list[BlockShape]:
     longer holds after heads are removed.
     """
     adapter = adapter_for(model)
-    cfg = _text_config(model)
+    cfg = text_config(model_config(model))
     shapes = block_shapes(model)
     if cfg is None or not shapes:
         return shapes
@@ -117,7 +111,7 @@ def _config_valid(cfg: Any) -> bool:
 
 def loads_without_lit_prune(model: nn.Module) -> bool:
     """Whether the model's config (after :func:`sync_config`) describes it alone, so plain ``from_pretrained`` works."""
-    cfg = _text_config(model)
+    cfg = text_config(model_config(model))
     return cfg is None or LAYER_SHAPES_KEY not in cfg.__dict__
 
 
@@ -127,7 +121,7 @@ def shapes_from_config(config: Any) -> list[BlockShape] | None:
     Raises:
         ValueError: if the record is malformed or does not have one entry per block.
     """
-    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     record = getattr(cfg, LAYER_SHAPES_KEY, None)
     if record is None:
         return None
@@ -151,8 +145,6 @@ def resize_to_shapes(model: nn.Module, shapes: list[BlockShape]) -> None:
     block is cut to its recorded widths before the saved weights are loaded into it, so which indices survive does
     not matter here.
     """
-    from lit_prune.width_surgery import prune_heads, prune_neurons
-
     adapter = adapter_for(model)
     if len(shapes) != adapter.num_blocks(model):
         raise ValueError(f"{len(shapes)} block shapes for a model with {adapter.num_blocks(model)} blocks")

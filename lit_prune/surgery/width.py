@@ -5,7 +5,7 @@ output rows and an ``o_proj`` with ``n·d_h`` input columns; KV heads whose quer
 ``k_proj`` / ``v_proj`` rows. Under GQA every surviving KV head must keep the same number of query heads (the
 attention kernels repeat each KV head ``H / G`` times), and the query heads keep their order, so query head ``h``
 still reads KV head ``h // (H / G)``. ``num_key_value_groups`` of the attention module is updated; the config is
-brought in line with the new shapes by :func:`lit_prune.shapes.sync_config`.
+brought in line with the new shapes by :func:`lit_prune.surgery.config.sync_config`.
 
 Every argument is validated before anything is modified: a failing call leaves the model as it was.
 """

@@ -1,0 +1,127 @@
+"""Every statistic a set of criteria needs, from ONE pass of the pass driver.
+
+A :class:`StatisticsRequest` names what to collect (depth, width, per-candidate and per-Linear statistics);
+:func:`collect_statistics` attaches all their hooks to one :func:`~lit_prune.stats.engine.run_pass` and returns the
+reduced sums. The criteria's registry says what each criterion needs (:func:`~lit_prune.criteria.registry.needs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_prune.arch import block_linears, unwrap
+from lit_prune.stats._common import Batches, _check_names
+from lit_prune.stats.candidates import GLOBAL_METRICS, CandidateReplay, GlobalStats
+from lit_prune.stats.depth import DEPTH_NEEDS, DepthStats, attach_depth_statistics
+from lit_prune.stats.engine import Attach, run_pass
+from lit_prune.stats.linear import NEEDS, LinearStats, attach_linear_statistics
+from lit_prune.stats.width import WIDTH_NEEDS, WidthStats, attach_width_statistics
+
+
+def _names(name: str, values: Any, allowed: tuple[str, ...]) -> frozenset[str]:
+    return frozenset() if not values else _check_names(name, values, allowed)
+
+
+@dataclass(frozen=True)
+class StatisticsRequest:
+    """What one calibration pass collects; each part is a subset of its statistics' needs (empty: not collected).
+
+    Parts are stored as frozensets (any collection of names is accepted).
+
+    Args:
+        depth: :data:`~lit_prune.stats.DEPTH_NEEDS` (block inputs/outputs: Block Influence, angular, CKA).
+        width: :data:`~lit_prune.stats.WIDTH_NEEDS` (per head and neuron).
+        candidates: :data:`~lit_prune.stats.GLOBAL_METRICS` (the model without each block, replayed per batch).
+        linear: :data:`~lit_prune.stats.linear.NEEDS` (every prunable Linear's input sums: sparsity, reconstruction).
+
+    Raises:
+        ValueError: if a part names something its statistics cannot collect, or nothing is asked at all.
+    """
+
+    depth: Iterable[str] = field(default_factory=frozenset)
+    width: Iterable[str] = field(default_factory=frozenset)
+    candidates: Iterable[str] = field(default_factory=frozenset)
+    linear: Iterable[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        parts = (("depth", DEPTH_NEEDS), ("width", WIDTH_NEEDS), ("candidates", GLOBAL_METRICS), ("linear", NEEDS))
+        for name, allowed in parts:
+            object.__setattr__(self, name, _names(name, getattr(self, name), allowed))
+        if not (self.depth or self.width or self.candidates or self.linear):
+            raise ValueError(
+                "The StatisticsRequest asks for nothing: name at least one depth, width, candidates or linear need"
+            )
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """The reduced sums of one pass (summed over DDP ranks); the parts not requested are None."""
+
+    depth: DepthStats | None = None
+    width: WidthStats | None = None
+    candidates: GlobalStats | None = None
+    linear: dict[str, LinearStats] | None = None
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Batches,
+    request: StatisticsRequest,
+    *,
+    max_batches: int | None = None,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+    sync: bool = True,
+) -> Statistics:
+    """Collect everything ``request`` names in one pass over ``batches`` (decoder only, no LM head unless ``kl``).
+
+    The depth and width hooks see the reference forward; the per-candidate replay runs after it with those hooks
+    paused, so the sums equal those of separate passes. ``sync=False`` keeps every part at this rank's own sums
+    (default: summed over DDP ranks).
+
+    Raises:
+        ValueError: if the request cannot be served by the model (``kl`` without an LM head), or the batches are
+            invalid.
+    """
+    kw: dict[str, Any] = {"sync_on_compute": sync}
+    replay = CandidateReplay(unwrap(model), request.candidates, **kw) if request.candidates else None
+    attach: dict[str, Attach] = {}
+    if request.depth:
+        attach["depth"] = lambda hf_model, hooks, current: attach_depth_statistics(
+            hf_model, request.depth, hooks, current, **kw
+        )
+    if request.width:
+        attach["width"] = lambda hf_model, hooks, current: attach_width_statistics(
+            hf_model, request.width, hooks, current, **kw
+        )
+    if request.linear:
+        attach["linear"] = lambda hf_model, hooks, current: attach_linear_statistics(
+            hooks,
+            {name: lin for block in block_linears(hf_model) for name, lin in block.items()},
+            request.linear,
+            current,
+            **kw,
+        )
+    if replay is not None:
+        attach["candidates"] = lambda hf_model, hooks, current: replay.attach(hooks)
+    out = run_pass(
+        model,
+        batches,
+        attach,
+        on_batch=None if replay is None else replay.on_batch,
+        max_batches=max_batches,
+        progress=progress,
+        device=device,
+        desc="calibration statistics",
+    )
+    return Statistics(
+        depth=out["depth"].compute() if "depth" in out else None,
+        width=out["width"].compute() if "width" in out else None,
+        candidates=out["candidates"].metric.compute() if "candidates" in out else None,
+        linear=out["linear"].compute() if "linear" in out else None,
+    )
