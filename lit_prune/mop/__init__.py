@@ -3,13 +3,12 @@
 * :mod:`lit_prune.mop.search`: :class:`MoPSearch`, the loop, and :class:`MoPStep`, one recorded step.
 * :mod:`lit_prune.mop.config`: :class:`MoPConfig`, the search's options (shared with the callback).
 * :mod:`lit_prune.mop.proxy`: the proxies (``ppl``, ``kl``, ``cosine``, ``random``).
-* :mod:`lit_prune.mop.masking`: candidates evaluated without copying the model (skip a block; mask units).
 """
 
 from lit_prune.mop.config import DEPTH, MOP_DEPTH_CRITERIA, WIDTH, MoPConfig
-from lit_prune.mop.masking import register_width_masks, skipping_block
 from lit_prune.mop.proxy import PROXIES
 from lit_prune.mop.search import MoPSearch, MoPStep
+from lit_prune.surgery.masks import register_width_masks, skipping_block
 
 __all__ = [
     "DEPTH",

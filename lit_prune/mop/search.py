@@ -44,7 +44,6 @@ from lit_prune.criteria.registry import ScoreInputs
 from lit_prune.criteria.width import WidthScores, width_needs_for
 from lit_prune.eval._common import evaluating, model_device
 from lit_prune.mop.config import DEPTH, WIDTH, MoPConfig, ProxyFn
-from lit_prune.mop.masking import register_width_masks, skipping_block
 from lit_prune.mop.proxy import LossSums, proxy_loss, proxy_output, reference_outputs
 from lit_prune.plan import PruningPlan
 from lit_prune.stats._common import Batch
@@ -53,6 +52,7 @@ from lit_prune.stats.engine import Attach, run_pass
 from lit_prune.stats.hooks import Hooks
 from lit_prune.stats.width import attach_width_statistics
 from lit_prune.surgery import apply_plan
+from lit_prune.surgery.masks import register_width_masks, skipping_block
 
 log = logging.getLogger(__name__)
 

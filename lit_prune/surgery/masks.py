@@ -1,4 +1,4 @@
-"""Evaluate a pruning candidate without copying the model: skip a block, or zero the inputs of pruned units.
+"""Surgery by masks: evaluate a candidate without copying the model (skip a block, or zero pruned units' inputs).
 
 Both are exact: a model with block ``i`` skipped computes what the model with block ``i`` removed computes, and
 zeroing a head's slice of the o_proj input (a neuron's entry of the down_proj input) removes exactly that unit's
