@@ -46,14 +46,12 @@ class BlockCalls:
     def __init__(self, blocks: nn.ModuleList, which: Iterable[int] | None = None) -> None:
         self.blocks = blocks
         self.which = sorted(set(range(len(blocks)) if which is None else which))
-        self.active = True
         self.first_input: Tensor | None = None
         self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     def _hook(self, index: int) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self.active:
-                self.record(index, args, kwargs)
+            self.record(index, args, kwargs)
 
         return pre_hook
 
