@@ -24,7 +24,8 @@ import torch
 
 from lit_prune import CPU_PROTOCOL, adapter_for
 from lit_prune.allocation import make_depth_plan
-from lit_prune.criteria.depth import ONE_PASS, consensus, needs_for, score_blocks
+from lit_prune.criteria.depth import ONE_PASS, consensus, needs_for
+from lit_prune.criteria.scoring import score_blocks
 from lit_prune.datamodules import TextDataModule
 from lit_prune.eval import latency, perplexity
 from lit_prune.loading import load_model, load_tokenizer

@@ -35,7 +35,7 @@ from _timing import alternating
 
 from lit_prune import CPU_PROTOCOL, adapter_for
 from lit_prune.allocation import make_width_plan
-from lit_prune.criteria.width import score_width
+from lit_prune.criteria.scoring import score_width
 from lit_prune.datamodules import TextDataModule
 from lit_prune.eval import perplexity
 from lit_prune.loading import load_model, load_tokenizer

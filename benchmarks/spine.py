@@ -75,11 +75,11 @@ def _first(name: str, *modules: str) -> Any:
     raise ImportError(f"{name} not found in any of {modules}")
 
 
-score_blocks = _first("score_blocks", "lit_prune.criteria.depth", "lit_prune.criteria")
+score_blocks = _first("score_blocks", "lit_prune.criteria.scoring", "lit_prune.criteria.depth", "lit_prune.criteria")
 make_depth_plan = _first(
     "make_depth_plan", "lit_prune.allocation", "lit_prune.surgery", "lit_prune.plan", "lit_prune.depth", "lit_prune"
 )
-score_width = _first("score_width", "lit_prune.criteria.width", "lit_prune.criteria")
+score_width = _first("score_width", "lit_prune.criteria.scoring", "lit_prune.criteria.width", "lit_prune.criteria")
 make_width_plan = _first("make_width_plan", "lit_prune.allocation", "lit_prune.allocation.structured")
 MoPSearch = _first("MoPSearch", "lit_prune.mop", "lit_prune.mop.search")
 prune_sparse = _first("prune_sparse", "lit_prune.sparse", "lit_prune.sparse.prune")
@@ -388,8 +388,18 @@ def sparse_items(model: nn.Module, calib: Batches, spec: Spec, items: dict, info
         del pruned
 
 
-def fingerprints(model: nn.Module, calib: Batches, holdout: Batches, spec: Spec, log: bool = False) -> dict[str, Any]:
-    """Every item of ``spec`` on ``model`` (left unchanged): ``{"items": {...}, "info": {...}, "seconds": {...}}``."""
+SECTIONS = ("depth", "width", "mop", "sparse")
+
+
+def fingerprints(
+    model: nn.Module,
+    calib: Batches,
+    holdout: Batches,
+    spec: Spec,
+    log: bool = False,
+    sections: tuple[str, ...] = SECTIONS,
+) -> dict[str, Any]:
+    """Every item of ``spec`` in ``sections`` on ``model`` (left unchanged): ``{"items", "info", "seconds"}``."""
     items: dict[str, Any] = {}
     info: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -400,6 +410,8 @@ def fingerprints(model: nn.Module, calib: Batches, holdout: Batches, spec: Spec,
         ("sparse", sparse_items, calib),
     )
     for section, run, batches in runs:
+        if section not in sections:
+            continue
         start = time.perf_counter()
         run(model, batches, spec, items, info)
         seconds[section] = round(time.perf_counter() - start, 1)
@@ -431,7 +443,9 @@ def tiny_fingerprints() -> dict[str, Any]:
     return fingerprints(tiny_model(), tiny_batches(4, 0), tiny_batches(2, 1), TINY_SPEC)
 
 
-def smollm2_run(model_name: str, calib_windows: int, holdout_windows: int, no_global: bool) -> dict[str, Any]:
+def smollm2_run(
+    model_name: str, calib_windows: int, holdout_windows: int, no_global: bool, sections: tuple[str, ...] = SECTIONS
+) -> dict[str, Any]:
     from lit_prune import CPU_PROTOCOL
     from lit_prune.datamodules import TextDataModule
     from lit_prune.loading import load_model, load_tokenizer
@@ -461,7 +475,7 @@ def smollm2_run(model_name: str, calib_windows: int, holdout_windows: int, no_gl
         depth_criteria=depth,
         sparse_runs=SMOLLM2_SPARSE,
     )
-    out = fingerprints(model, calib, holdout, spec, log=True)
+    out = fingerprints(model, calib, holdout, spec, log=True, sections=sections)
     out["seconds"]["load"] = round(load_s, 1)
     out["calibration"] = (
         f"{calib_windows} windows of {proto.seq_len} tokens of {proto.calibration_file} (seed "
@@ -500,10 +514,11 @@ def describe_difference(saved: Any, fresh: Any, limit: int = 6) -> str:
     return " | ".join(parts)
 
 
-def compare(saved: dict[str, Any], fresh: dict[str, Any]) -> int:
-    """Print identical / DIFFERS per saved item; return the number of differences."""
+def compare(saved: dict[str, Any], fresh: dict[str, Any], sections: tuple[str, ...] = SECTIONS) -> int:
+    """Print identical / DIFFERS per saved item of ``sections``; return the number of differences."""
     differences = 0
-    for name in saved["items"]:
+    names = [name for name in saved["items"] if name.split("/", 1)[0] in sections]
+    for name in names:
         a, b = saved["items"][name], fresh["items"].get(name)
         if a == b:
             print(f"identical  {name}")
@@ -518,7 +533,7 @@ def compare(saved: dict[str, Any], fresh: dict[str, Any]) -> int:
                 print(f"           {label} info: {json.dumps(source['info'][name])[:300]}")
     for name in sorted(set(fresh["items"]) - set(saved["items"])):
         print(f"new        {name} (not in the saved file)")
-    print(f"{len(saved['items']) - differences} identical, {differences} differ")
+    print(f"{len(names) - differences} identical, {differences} differ")
     return differences
 
 
@@ -542,14 +557,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-global", action="store_true", help="skip cka_global / cosine_global / kl_global")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     parser.add_argument("--compare", type=Path, default=None, help="compare with a saved JSON; exit 1 on a difference")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run (and compare) these sections only"
+    )
     args = parser.parse_args(argv)
+    sections = tuple(args.only)
     start = time.perf_counter()
     if args.tiny:
         out = tiny_fingerprints()
         out["calibration"] = "tiny: 4 batches of 2 x 32 random ids (seed 0); MoP: 2 batches (seed 1)"
         model = "tiny (tests/conftest.py tiny_config, " + json.dumps(TINY_CONFIG) + ")"
     else:
-        out = smollm2_run(args.model, args.calib_windows, args.holdout_windows, args.no_global)
+        out = smollm2_run(args.model, args.calib_windows, args.holdout_windows, args.no_global, sections)
         model = args.model
     out = {
         "model": model,
@@ -566,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(text + "\n")
     if args.compare:
         saved = json.loads(args.compare.read_text())
-        sys.exit(1 if compare(saved, out) else 0)
+        sys.exit(1 if compare(saved, out, sections) else 0)
     if not args.out:
         print(text)
     else:

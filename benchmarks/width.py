@@ -33,7 +33,7 @@ from _timing import alternating  # noqa: E402
 
 from lit_prune import CPU_PROTOCOL, adapter_for  # noqa: E402
 from lit_prune.allocation import make_width_plan  # noqa: E402
-from lit_prune.criteria.width import score_width  # noqa: E402
+from lit_prune.criteria.scoring import score_width  # noqa: E402
 from lit_prune.datamodules import TextDataModule  # noqa: E402
 from lit_prune.eval import latency, perplexity  # noqa: E402
 from lit_prune.loading import load_model, load_tokenizer  # noqa: E402

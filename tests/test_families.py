@@ -43,12 +43,13 @@ from lit_prune.allocation import make_depth_plan, make_width_plan
 from lit_prune.allocation.sparsity import layer_counts
 from lit_prune.arch import adapter_for, supported_model_types
 from lit_prune.callbacks import WidthPruning
-from lit_prune.criteria.depth import DEPTH_CRITERIA, score_blocks
-from lit_prune.criteria.width import score_width
+from lit_prune.criteria.depth import DEPTH_CRITERIA
+from lit_prune.criteria.scoring import score_blocks, score_width
 from lit_prune.mop import MoPSearch, register_width_masks
 from lit_prune.recovery import LoRASpec, attach_lora, cka_importance, merge_lora, select_blocks
 from lit_prune.sparse import one_shot_stats, prunable_linears, prune_sparse, sequential_prune
-from lit_prune.stats import Hooks
+from lit_prune.stats import WIDTH_NEEDS, Hooks, WidthStatistics, collect_width_statistics
+from lit_prune.stats.collect import StatisticsRequest, collect_statistics
 from lit_prune.surgery import apply_plan, loads_without_lit_prune, prune_heads, prune_neurons, remove_blocks
 
 VOCAB = 128
@@ -499,6 +500,41 @@ def test_sequential_replay_reproduces_the_model_blocks(family: Family) -> None:
     for name, stats in one_shot.items():
         assert stats.input_sq is not None
         torch.testing.assert_close(replayed[name], stats.input_sq, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_one_pass_sums_each_sites_squares_once_and_width_sums_do_not_depend_on_the_request(family: Family) -> None:
+    """Width's per-site ``Σ x²`` and the per-Linear ``input_sq`` are one sum: a pass asking both computes it once
+    (from the Linears), and the width sums are bit-identical to a width-only pass, fused and non-gated MLPs too."""
+    model = make_model(family)
+    data = batches()
+    data[-1]["attention_mask"] = torch.tensor([[1] * 16, [1] * 11 + [0] * 5])  # padding must be left out alike
+    squares = ("attn_in_sq", "o_in_sq", "mlp_in_sq", "down_in_sq")
+    alone = collect_width_statistics(model, data)
+    calls = {"width": 0}
+    original = WidthStatistics.update
+
+    def counting(self: WidthStatistics, block: int, site: str, *args: object, **kwargs: object) -> None:
+        calls["width"] += site in self.sites
+        original(self, block, site, *args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WidthStatistics, "update", counting)
+        both = collect_statistics(model, data, StatisticsRequest(width=WIDTH_NEEDS, linear={"input_sq"}))
+    assert calls["width"] == 2 * BLOCKS * len(data)  # only the AMP sites (o_proj and down_proj inputs) run
+    assert both.width is not None and both.linear is not None
+    for name in WIDTH_NEEDS:
+        for a, b in zip(getattr(both.width, name), getattr(alone, name), strict=True):
+            assert torch.equal(a, b), name
+    assert torch.equal(both.width.count, alone.count)
+    first_mlp = next(p for p in family.linears if p.startswith("mlp."))  # gate, fused gate_up or fc1
+    site_paths = dict(zip(squares, (family.linears[0], family.attn_out, first_mlp, family.mlp_out), strict=True))
+    for b in range(BLOCKS):
+        for need, path in site_paths.items():
+            assert torch.equal(getattr(alone, need)[b], both.linear[f"model.layers.{b}.{path}"].input_sq), need
+    only = collect_statistics(model, data, StatisticsRequest(width={"o_in_sq"}, linear={"input_sq"})).width
+    assert only is not None and only.amp_heads is None and torch.equal(only.count, alone.count)
+    assert (only.heads, only.neurons) == (alone.heads, alone.neurons)
+    assert all(torch.equal(a, b) for a, b in zip(only.o_in_sq, alone.o_in_sq, strict=True))  # type: ignore[arg-type]
 
 
 # --- LoRA ------------------------------------------------------------------------------------------------------

@@ -156,3 +156,27 @@ def test_every_module_imports_in_a_fresh_interpreter_in_random_order(seed):
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     done = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+PASS_RUNNERS = ("collect_", "run_pass", "hooked_pass", "sequential_pass")
+"""Names of the functions that run calibration passes (``lit_prune.stats``)."""
+
+
+def test_criteria_are_pure_only_scoring_runs_passes():
+    """Criteria modules score statistics; only ``criteria.scoring`` imports what runs a pass (issue 15, item 3)."""
+    offenders = []
+    for module, path in sorted(MODULES.items()):
+        if not module.startswith("lit_prune.criteria.") or module == "lit_prune.criteria.scoring":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("lit_prune.stats"):
+                continue
+            if node.module in ("lit_prune.stats.engine", "lit_prune.stats.collect"):
+                offenders.append(f"{module} imports {node.module}")
+            for alias in node.names:
+                if alias.name.startswith(PASS_RUNNERS):
+                    offenders.append(f"{module} imports {alias.name} from {node.module}")
+    scoring = ast.parse(MODULES["lit_prune.criteria.scoring"].read_text())
+    imported = {a.name for n in ast.walk(scoring) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert {"collect_statistics", "collect_width_statistics"} <= imported  # the check sees real imports
+    assert not offenders, "\n".join(offenders)

@@ -83,7 +83,7 @@ def make_depth_plan(
             another sample when fewer than :data:`MIN_CALIBRATION_WINDOWS` windows were used or the margin between
             the last removed and the first kept block is below :data:`NEAR_TIE_MARGIN` of the scores' spread.
         config: the depth options (:class:`~lit_prune.criteria.depth_config.DepthConfig`, shared with
-            :class:`~lit_prune.callbacks.DepthPruning` and :func:`~lit_prune.criteria.depth.score_blocks`), read for
+            :class:`~lit_prune.callbacks.DepthPruning` and :func:`~lit_prune.criteria.scoring.score_blocks`), read for
             ``num_remove`` and ``protect`` when those are None; None: the defaults.
 
     Returns:

@@ -467,7 +467,7 @@ def make_width_plan(
     """Choose the query heads and MLP neurons to remove so that about ``amount`` parameters go.
 
     The options are a :class:`~lit_prune.criteria.width_config.WidthConfig` (shared with
-    :class:`~lit_prune.callbacks.WidthPruning` and :func:`~lit_prune.criteria.width.score_width`): pass one as
+    :class:`~lit_prune.callbacks.WidthPruning` and :func:`~lit_prune.criteria.scoring.score_width`): pass one as
     ``config``, or its fields as keywords, which replace the config's (or the defaults'), e.g.
     ``make_width_plan(model, scores, 0.2, gqa="group", allocation="global", round_to=8)``.
 

@@ -17,8 +17,8 @@ from typing_extensions import override
 from lit_prune.allocation import make_depth_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback, count_windows
-from lit_prune.criteria.depth import score_blocks
 from lit_prune.criteria.depth_config import DepthConfig, DepthCriterion
+from lit_prune.criteria.scoring import score_blocks
 from lit_prune.plan import PruningPlan
 from lit_prune.surgery import apply_plan
 
@@ -35,7 +35,7 @@ class DepthPruning(PruningCallback):
     next to the checkpoints. Hooks are removed even when the pass fails.
 
     The options and their defaults are those of :class:`~lit_prune.criteria.depth_config.DepthConfig` (shared with
-    :func:`~lit_prune.criteria.depth.score_blocks` and :func:`~lit_prune.allocation.make_depth_plan`), built into
+    :func:`~lit_prune.criteria.scoring.score_blocks` and :func:`~lit_prune.allocation.make_depth_plan`), built into
     :attr:`config`.
 
     Args:

@@ -19,7 +19,8 @@ from typing_extensions import override
 from lit_prune.allocation import make_width_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback, count_windows, warn_small_calibration
-from lit_prune.criteria.width import WidthScores, random_scores, score_width, width_needs_for
+from lit_prune.criteria.scoring import score_width
+from lit_prune.criteria.width import WidthScores, random_scores, width_needs_for
 from lit_prune.criteria.width_config import GQAMode, ParamsOf, WidthAllocation, WidthConfig, WidthCriterion
 from lit_prune.plan import PruningPlan
 from lit_prune.surgery import apply_plan, check_width_keep
@@ -37,7 +38,7 @@ class WidthPruning(PruningCallback):
     wrapper and the optimizers, and writes the plan as JSON next to the checkpoints.
 
     The options and their defaults are those of :class:`~lit_prune.criteria.width_config.WidthConfig` (shared with
-    :func:`~lit_prune.criteria.width.score_width` and :func:`~lit_prune.allocation.make_width_plan`), built into
+    :func:`~lit_prune.criteria.scoring.score_width` and :func:`~lit_prune.allocation.make_width_plan`), built into
     :attr:`config`.
 
     Args:

@@ -1,7 +1,9 @@
 """Importance criteria: pure functions from collected statistics to scores (higher = more important).
 
-Each is registered once in :mod:`lit_prune.criteria.registry` with its name and what it needs. The depth and width
-methods' options live in :mod:`lit_prune.criteria.depth_config` and :mod:`lit_prune.criteria.width_config`.
+Each is registered once in :mod:`lit_prune.criteria.registry` with its name and what it needs;
+:mod:`lit_prune.criteria.scoring` (``score_blocks``, ``score_width``) collects what a criterion needs, then scores.
+The depth and width methods' options live in :mod:`lit_prune.criteria.depth_config` and
+:mod:`lit_prune.criteria.width_config`.
 """
 
 from lit_prune.criteria.depth import (
@@ -20,10 +22,10 @@ from lit_prune.criteria.depth import (
     needs_for,
     random_scores,
     reversed_scores,
-    score_blocks,
 )
 from lit_prune.criteria.depth_config import DepthConfig
 from lit_prune.criteria.registry import Criterion, ScoreInputs, register_criterion
+from lit_prune.criteria.scoring import score_blocks, score_width
 from lit_prune.criteria.sparse import (
     SPARSE_CRITERIA,
     check_nm,
@@ -40,7 +42,6 @@ from lit_prune.criteria.width import (
     amp,
     amp_act,
     magnitude,
-    score_width,
     wanda_sp,
     width_needs_for,
 )

@@ -8,9 +8,8 @@ The scores are pure functions of the reduced sums in :mod:`lit_prune.stats` (for
   :func:`cosine_global`, :func:`kl_global`;
 * aggregation and controls: :func:`consensus` (Borda count), :func:`random_scores`, :func:`reversed_scores`.
 
-:func:`score_blocks` collects what a criterion needs (one statistics pass for all one-pass criteria, the global
-pass only when a global criterion is asked for) and returns its scores together with every component score.
-All scores are ``(L,)`` float64 tensors.
+:func:`scores_from_stats` scores statistics collected elsewhere; :func:`~lit_prune.criteria.scoring.score_blocks`
+collects what a criterion needs in one pass, then scores. All scores are ``(L,)`` float64 tensors.
 """
 
 from __future__ import annotations
@@ -20,15 +19,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lit_prune.arch import adapter_for
 from lit_prune.criteria import registry
 from lit_prune.criteria.depth_config import ONE_PASS, DepthConfig
 from lit_prune.criteria.registry import ScoreInputs, register_criterion
 from lit_prune.functional.similarity import cka_from_rows, cka_from_sums
-from lit_prune.stats import Batches, CKASums, DepthStats, GlobalStats
-from lit_prune.stats.collect import StatisticsRequest, collect_statistics
+from lit_prune.stats import CKASums, DepthStats, GlobalStats
 from lit_prune.stats.depth import CKARows
 
 log = logging.getLogger(__name__)
@@ -387,7 +384,7 @@ register_criterion(
 )
 
 DEPTH_CRITERIA = registry.names("depth")
-"""Every name :func:`score_blocks` accepts (read from the registry)."""
+"""Every name :func:`~lit_prune.criteria.scoring.score_blocks` accepts (read from the registry)."""
 
 GLOBAL_CRITERIA = registry.names("depth", composite=False, global_pass=True)
 """Criteria that run the model once per candidate block (prefix shared)."""
@@ -448,7 +445,7 @@ def scores_from_stats(
     """The scores of a criterion that needs no global pass, from statistics someone else collected.
 
     For callers that collect :class:`~lit_prune.stats.DepthStats` during another pass (MoP collects them while it
-    evaluates a candidate). Use :func:`score_blocks` to collect and score in one call.
+    evaluates a candidate). Use :func:`~lit_prune.criteria.scoring.score_blocks` to collect and score in one call.
 
     Args:
         stats: the reduced depth statistics.
@@ -468,70 +465,3 @@ def scores_from_stats(
     inputs = ScoreInputs(stats=stats, num_blocks=stats.num_blocks, n=n, seed=cfg.seed)
     scores: Tensor = registry.compute("depth", cfg.criterion, inputs, cfg.members)[cfg.criterion]
     return scores.cpu()
-
-
-def score_blocks(
-    model: nn.Module,
-    batches: Batches,
-    criterion: str | None = None,
-    *,
-    config: DepthConfig | None = None,
-    n: int | None = None,
-    max_batches: int | None = None,
-    progress: bool = True,
-    device: str | torch.device | None = None,
-    **options: Any,
-) -> dict[str, Tensor]:
-    """Score every block of ``model`` with ``criterion``, collecting what it needs in as few passes as possible.
-
-    One :func:`~lit_prune.stats.collect_statistics` pass serves every criterion involved: the depth statistics of
-    the one-pass criteria and, when a global criterion is involved, the per-candidate replay after each batch's
-    forward. Under DDP the statistics are summed over ranks, so every rank gets the same scores.
-
-    The options are a :class:`~lit_prune.criteria.depth_config.DepthConfig` (shared with
-    :class:`~lit_prune.callbacks.DepthPruning`): pass one as ``config``, or its fields as keywords, which replace
-    the config's (or the defaults'), e.g. ``score_blocks(model, batches, "consensus", consensus_of=["bi", "cka"])``.
-
-    Args:
-        model: a Hugging Face causal LM (or a wrapper around one).
-        batches: calibration batches (see :func:`~lit_prune.stats.collect_depth_statistics`), iterated once.
-        criterion: the config's ``criterion``, one of :data:`DEPTH_CRITERIA` (None: keep the config's, by default
-            ``bi``).
-        config: the options; None: the defaults.
-        n: the window length of ``angular_block``; None: the config's count of blocks to remove
-            (:meth:`~lit_prune.criteria.depth_config.DepthConfig.num_to_remove`) when it has one, else 1.
-        max_batches: use at most this many batches (None: all).
-        progress: show progress bars.
-        device: where to run; default the model's current device.
-        **options: any other ``DepthConfig`` field: ``consensus_of`` (the members of ``consensus``, default the
-            one-pass criteria), ``reversed_of`` (what ``reversed`` negates), ``seed`` (of ``random``), ...
-
-    Returns:
-        ``{criterion: scores}`` plus every component score computed on the way (e.g. ``bi``, ``angular`` and
-        ``cka`` for the default ``consensus``), each ``(L,)`` float64, higher = more important.
-
-    Raises:
-        ValueError: if ``criterion``, ``consensus_of``, ``reversed_of`` or ``n`` is invalid, or the batches are.
-        TypeError: for a keyword that is not a ``DepthConfig`` field.
-    """
-    cfg = _config(config, criterion, options)
-    of = cfg.members
-    components = registry.components("depth", cfg.criterion, of)
-    num_blocks = adapter_for(model).num_blocks(model)
-    if n is None:
-        n = cfg.num_to_remove(num_blocks) if cfg.has_count else 1
-    if "angular_block" in components and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= num_blocks):
-        raise ValueError(f"`n` must be an int in 1..{num_blocks} (the number of blocks), got {n!r}")
-    needs = registry.needs("depth", cfg.criterion, of)
-    global_metrics = registry.needs("depth", cfg.criterion, of, global_pass=True)
-    stats = gstats = None
-    if needs or global_metrics:
-        request = StatisticsRequest(depth=needs, candidates=global_metrics)
-        collected = collect_statistics(
-            model, batches, request, max_batches=max_batches, progress=progress, device=device
-        )
-        stats, gstats = collected.depth, collected.candidates
-    inputs = ScoreInputs(stats=stats, global_stats=gstats, num_blocks=num_blocks, n=n, seed=cfg.seed)
-    scores: dict[str, Tensor] = {k: v.cpu() for k, v in registry.compute("depth", cfg.criterion, inputs, of).items()}
-    log.debug("Depth scores (%s): %s", cfg.criterion, {k: [round(v, 4) for v in s.tolist()] for k, s in scores.items()})
-    return scores

@@ -1,7 +1,7 @@
 """``DepthConfig``: every option of depth pruning (which blocks go, by which criterion), its default and its check.
 
 :class:`~lit_prune.callbacks.DepthPruning` (whose flat keyword arguments, the YAML names, default to these fields),
-:func:`~lit_prune.criteria.depth.score_blocks` and :func:`~lit_prune.allocation.make_depth_plan` (which take a config
+:func:`~lit_prune.criteria.scoring.score_blocks` and :func:`~lit_prune.allocation.make_depth_plan` (which take a config
 as ``config=``, or its fields as keywords) read their options from here, so a default or a rule lives here only.
 It sits next to the criteria because :mod:`lit_prune.criteria.depth` reads it (it only needs the registry).
 """
@@ -39,7 +39,7 @@ class DepthConfig(MethodConfig):
 
     Every field is checked on construction (:meth:`__post_init__`); ``protect`` is stored sorted and without
     repeats, ``consensus_of`` as a tuple. ``num_layers`` and ``amount`` may both be None for scoring alone
-    (:func:`~lit_prune.criteria.depth.score_blocks`); :class:`~lit_prune.callbacks.DepthPruning` needs one.
+    (:func:`~lit_prune.criteria.scoring.score_blocks`); :class:`~lit_prune.callbacks.DepthPruning` needs one.
 
     Example:
         >>> cfg = DepthConfig(criterion="consensus", amount=0.2, protect=[29, 0, 0])

@@ -8,7 +8,8 @@ The scores are functions of the weights and of the reduced sums in :class:`~lit_
 * :func:`wanda_sp`: Wanda's ``|W|·‖X_col‖₂`` summed over the weights a unit owns;
 * controls: :func:`random_scores`, :func:`reversed_scores`.
 
-:func:`score_width` runs at most one statistics pass (none for the data-free criteria) and returns the scores.
+:func:`~lit_prune.criteria.scoring.score_width` runs at most one statistics pass (none for the data-free criteria)
+and scores.
 Heads are query heads; under GQA, query head ``h`` belongs to KV head ``h // group_size`` and grouping is left to
 the allocation.
 """
@@ -18,16 +19,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lit_prune.arch import AttentionView, MLPView, adapter_for
 from lit_prune.criteria import registry
-from lit_prune.criteria.registry import ScoreInputs, register_criterion
+from lit_prune.criteria.registry import register_criterion
 from lit_prune.criteria.width_config import WidthConfig
-from lit_prune.stats import Batches, WidthStats, collect_width_statistics
+from lit_prune.stats import WidthStats
 
 log = logging.getLogger(__name__)
 
@@ -314,67 +314,4 @@ register_criterion(
 )
 
 WIDTH_CRITERIA = registry.names("width")
-"""Every name :func:`score_width` accepts (read from the registry)."""
-
-
-def score_width(
-    model: nn.Module,
-    batches: Batches | None,
-    criterion: str | None = None,
-    *,
-    config: WidthConfig | None = None,
-    max_batches: int | None = None,
-    progress: bool = False,
-    device: str | torch.device | None = None,
-    **options: Any,
-) -> WidthScores:
-    """Score every query head and MLP neuron of ``model`` with ``criterion``.
-
-    At most one :func:`~lit_prune.stats.collect_width_statistics` pass runs, collecting only what the criterion
-    needs (nothing for ``magnitude`` and ``random``, whose ``batches`` may be None). Under DDP the statistics are
-    summed over ranks, so every rank gets the same scores (every rank must call this).
-
-    The options are a :class:`~lit_prune.criteria.width_config.WidthConfig` (shared with
-    :class:`~lit_prune.callbacks.WidthPruning` and :func:`~lit_prune.allocation.make_width_plan`): pass one as
-    ``config``, or its fields as keywords, which replace the config's (or the defaults').
-
-    Args:
-        model: a Hugging Face causal LM (or a PEFT / Lightning wrapper around one).
-        batches: calibration batches (see :func:`~lit_prune.stats.collect_width_statistics`); may be None for the
-            data-free criteria.
-        criterion: the config's ``criterion``, one of :data:`WIDTH_CRITERIA` (None: keep the config's, by default
-            ``amp``).
-        config: the options; None: the defaults.
-        max_batches: use at most this many batches (None: all).
-        progress: show a progress bar.
-        device: where to run the pass; default the model's current device.
-        **options: any other ``WidthConfig`` field read here: ``reversed_of`` (what ``reversed`` negates, any but
-            ``reversed``), ``seed`` (of ``random``).
-
-    Returns:
-        Per-block scores, float32 on CPU, higher = more important.
-
-    Raises:
-        ValueError: if ``criterion`` or ``reversed_of`` is unknown, the criterion needs data and ``batches`` is
-            None, or the batches are invalid.
-        TypeError: for a keyword that is not a ``WidthConfig`` field.
-    """
-    cfg = WidthConfig.build(config, **({"criterion": criterion} if criterion is not None else {}), **options)
-    criterion, of = cfg.criterion, {"reversed": cfg.reversed_of}
-    needs = registry.needs("width", criterion, of)
-    stats = None
-    if needs:
-        if batches is None:
-            base = cfg.reversed_of if criterion == "reversed" else criterion
-            raise ValueError(f"Criterion {base!r} needs calibration `batches`, got None")
-        stats = collect_width_statistics(model, batches, needs, max_batches, progress, device)
-    inputs = ScoreInputs(stats=stats, model=model, seed=cfg.seed)
-    scores: WidthScores = registry.compute("width", criterion, inputs, of)[criterion]
-    log.debug(
-        "Width scores (%s) of %d blocks: %d heads, %d neurons",
-        criterion,
-        scores.num_blocks,
-        sum(h.numel() for h in scores.heads),
-        sum(n.numel() for n in scores.neurons),
-    )
-    return scores
+"""Every name :func:`~lit_prune.criteria.scoring.score_width` accepts (read from the registry)."""

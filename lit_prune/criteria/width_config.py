@@ -1,7 +1,7 @@
 """``WidthConfig``: every option of width pruning (heads and neurons: criterion, budget, GQA mode, allocation).
 
 :class:`~lit_prune.callbacks.WidthPruning` (whose flat keyword arguments, the YAML names, default to these fields),
-:func:`~lit_prune.criteria.width.score_width` and :func:`~lit_prune.allocation.make_width_plan` (which take a config
+:func:`~lit_prune.criteria.scoring.score_width` and :func:`~lit_prune.allocation.make_width_plan` (which take a config
 as ``config=``, or its fields as keywords) read their options from here, and MoP's width candidate takes its GQA
 mode and rounding defaults from it, so a default or a rule lives here only. It sits next to the criteria because
 :mod:`lit_prune.criteria.width` reads it (it only needs the registry).

@@ -15,6 +15,27 @@ Batches = Tensor | Iterable[Batch]
 
 _F64 = torch.float64
 
+_CHUNK_ELEMENTS = 1 << 24
+"""Input elements cast to float64 at a time (a 128 MiB copy), so memory stays bounded for long batches.
+
+The inputs are cast to float64 *before* the products: a product of two float32 (or bf16/fp16) values is exact in
+float64, and a float64 sum over ``n`` tokens is off by at most ``n · 2⁻⁵³ · Σ |x_i x_j|`` (typically ``√n · 2⁻⁵³``),
+so the sums do not depend on how the BLAS blocks the matmul, on the batch shape, the padding or the chunking
+(float32 partial sums did, by ~1e-7 relative). Cost on CPU: the update takes 1.6-2.2x its float32 version (576 and
+1536 features, 576-2048 tokens); a one-shot Hessian pass over a SmolLM2-shaped model went from 0.86 s to 1.17 s.
+"""
+
+
+def _f64_chunks(tokens: Tensor) -> Iterator[Tensor]:
+    """The rows of ``tokens`` ``(N, in)`` as float64 chunks of at most :data:`_CHUNK_ELEMENTS` elements, in order.
+
+    Every ``Σ x²`` and ``Σ x xᵀ`` of lit-prune is accumulated chunk by chunk from these (``state = state +
+    chunk.square().sum(0)``), so two statistics that sum the same input agree bit for bit.
+    """
+    step = max(1, _CHUNK_ELEMENTS // max(1, tokens.shape[1]))
+    for start in range(0, tokens.shape[0], step):
+        yield tokens[start : start + step].double()
+
 
 class _ReadOnly:
     """Base of the reduced-sums containers: attributes are set once in ``__init__``.

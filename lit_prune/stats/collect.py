@@ -14,13 +14,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_prune.arch import block_linears, unwrap
-from lit_prune.stats._common import Batches, _check_names
+from lit_prune.arch import adapter_for, base_layer, block_linears, unwrap
+from lit_prune.stats._common import _F64, Batches, _check_names
 from lit_prune.stats.candidates import GLOBAL_METRICS, CandidateReplay, GlobalStats
 from lit_prune.stats.depth import DEPTH_NEEDS, DepthStats, attach_depth_statistics
 from lit_prune.stats.engine import Attach, run_pass
 from lit_prune.stats.linear import NEEDS, LinearStats, attach_linear_statistics
-from lit_prune.stats.width import WIDTH_NEEDS, WidthStats, attach_width_statistics
+from lit_prune.stats.width import (
+    SQUARE_OF,
+    WIDTH_NEEDS,
+    WidthStats,
+    attach_width_statistics,
+    site_modules,
+    width_shapes,
+)
 
 
 def _names(name: str, values: Any, allowed: tuple[str, ...]) -> frozenset[str]:
@@ -89,15 +96,19 @@ def collect_statistics(
             invalid.
     """
     kw: dict[str, Any] = {"sync_on_compute": sync}
-    replay = CandidateReplay(unwrap(model), request.candidates, **kw) if request.candidates else None
+    hf_model = unwrap(model)
+    replay = CandidateReplay(hf_model, request.candidates, **kw) if request.candidates else None
+    sources = _square_sources(hf_model) if request.width and "input_sq" in request.linear else None
+    shared = frozenset(request.width) & frozenset(SQUARE_OF.values()) if sources is not None else frozenset()
+    width_needs = frozenset(request.width) - shared  # the squares both ask for are summed once, by the Linears
     attach: dict[str, Attach] = {}
     if request.depth:
         attach["depth"] = lambda hf_model, hooks, current: attach_depth_statistics(
             hf_model, request.depth, hooks, current, **kw
         )
-    if request.width:
+    if width_needs:
         attach["width"] = lambda hf_model, hooks, current: attach_width_statistics(
-            hf_model, request.width, hooks, current, **kw
+            hf_model, width_needs, hooks, current, **kw
         )
     if request.linear:
         attach["linear"] = lambda hf_model, hooks, current: attach_linear_statistics(
@@ -119,9 +130,58 @@ def collect_statistics(
         device=device,
         desc="calibration statistics",
     )
+    linear = out["linear"].compute() if "linear" in out else None
+    width = out["width"].compute() if "width" in out else None
+    if shared and linear is not None and sources is not None:
+        width = _with_squares(hf_model, width, linear, sources, shared)
     return Statistics(
         depth=out["depth"].compute() if "depth" in out else None,
-        width=out["width"].compute() if "width" in out else None,
+        width=width,
         candidates=out["candidates"].metric.compute() if "candidates" in out else None,
-        linear=out["linear"].compute() if "linear" in out else None,
+        linear=linear,
     )
+
+
+def _square_sources(hf_model: nn.Module) -> list[dict[str, str]] | None:
+    """Per block, ``{square need: the Linear whose input_sq is that sum}``; None if a site is not a prunable Linear."""
+    adapter = adapter_for(hf_model)
+    sources = []
+    for attn, mlp, linears in zip(
+        adapter.attentions(hf_model), adapter.mlps(hf_model), block_linears(hf_model), strict=True
+    ):
+        name_of = {id(linear): name for name, linear in linears.items()}
+        names = {}
+        for site, module in site_modules(attn, mlp).items():
+            name = name_of.get(id(base_layer(module)))
+            if name is None:
+                return None
+            names[SQUARE_OF[site]] = name
+        sources.append(names)
+    return sources
+
+
+def _with_squares(
+    hf_model: nn.Module,
+    width: WidthStats | None,
+    linear: dict[str, LinearStats],
+    sources: list[dict[str, str]],
+    shared: frozenset[str],
+) -> WidthStats:
+    """``width`` (or the model's empty width sums) with the ``shared`` squares read from the per-Linear sums.
+
+    The width hooks compute the squares with the very formula of ``input_sq`` (``_f64_chunks``), so the result is
+    bit-identical to a pass that collected them separately.
+    """
+    sums: dict[str, tuple[torch.Tensor, ...] | None] = {}
+    if width is not None:
+        sums = {name: getattr(width, name) for name in WIDTH_NEEDS}
+    for need in shared:
+        sums[need] = tuple(linear[names[need]].input_sq.clone() for names in sources)  # type: ignore[union-attr]
+    if width is not None:
+        return WidthStats(width.heads, width.neurons, width.head_dim, width.hidden_size, width.count, **sums)
+    first = next(need for need in SQUARE_OF.values() if need in shared)  # tokens counted at the first site
+    counts = [float(linear[names[first]].count) for names in sources]
+    device = sums[first][0].device  # type: ignore[index]
+    count = torch.tensor(counts, dtype=_F64, device=device)
+    heads, neurons, head_dim, hidden_size = width_shapes(hf_model)
+    return WidthStats(heads, neurons, head_dim, hidden_size, count, **sums)

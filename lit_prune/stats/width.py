@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lit_prune._validation import check_int
-from lit_prune.arch import adapter_for
-from lit_prune.stats._common import _F64, Batches, _check_mask, _check_names, _ReadOnly, _tokens
+from lit_prune.arch import AttentionView, MLPView, adapter_for
+from lit_prune.stats._common import _F64, Batches, _check_mask, _check_names, _f64_chunks, _ReadOnly, _tokens
 from lit_prune.stats.engine import hooked_pass
 from lit_prune.stats.hooks import Hooks
 
@@ -40,6 +40,9 @@ _SITE_OF = {
     "amp_neurons": "down_in",
     "down_in_sq": "down_in",
 }
+SQUARE_OF = {"attn_in": "attn_in_sq", "o_in": "o_in_sq", "mlp_in": "mlp_in_sq", "down_in": "down_in_sq"}
+"""The ``Σ x²`` need read at each site: the same sums as the per-Linear ``input_sq`` of that site's Linear."""
+
 _CHUNK_ELEMENTS = 1 << 24
 """Largest float32 intermediate (tokens x heads x hidden) of the per-head contributions: 64 MB."""
 
@@ -133,6 +136,9 @@ class WidthStatistics(Metric):
     * ``amp_neurons`` ``(ΣI_b,)``: Σ over non-pad tokens of ``|a_j|``, ``a`` = input of down_proj.
     * ``attn_in_sq`` ``(L·d,)`` / ``mlp_in_sq`` ``(L·d,)``: Σ ``x_j²`` of the q_proj input / gate_proj input.
     * ``o_in_sq`` ``(ΣH_b·d_h,)`` / ``down_in_sq`` ``(ΣI_b,)``: Σ of the squared o_proj / down_proj inputs.
+      The squares are taken in float64, exactly as :class:`~lit_prune.stats.linear.LinearInputStatistics`'
+      ``input_sq`` of the same Linear (so one pass that asks for both computes them once, see
+      :func:`~lit_prune.stats.collect.collect_statistics`).
     * ``count`` ``(L,)``: the non-pad tokens seen per block.
 
     Per batch, :meth:`update` is called once per block and site (the pre-hooks of
@@ -248,12 +254,15 @@ class WidthStatistics(Metric):
         if site not in self.sites:
             return
         mask = None if attention_mask is None else attention_mask.to(self.device)
-        x = _tokens(inputs.to(self.device), mask).float()  # (N, width), float32
+        tokens = _tokens(inputs.to(self.device), mask)  # (N, width), the input's dtype
+        x = tokens.float()
         if site == self._count_site:
             self.count[block] += x.size(0)
-        square = {"attn_in": "attn_in_sq", "o_in": "o_in_sq", "mlp_in": "mlp_in_sq", "down_in": "down_in_sq"}[site]
+        square = SQUARE_OF[site]
         if square in self.needs:
-            self._slot(square, block).add_(x.pow(2).sum(0, dtype=_F64))
+            slot = self._slot(square, block)
+            for chunk in _f64_chunks(tokens):  # the formula of LinearInputStatistics' input_sq, bit for bit
+                slot.add_(chunk.square().sum(0))
         if site == "down_in" and "amp_neurons" in self.needs:
             self._slot("amp_neurons", block).add_(x.abs().sum(0, dtype=_F64))
         if site == "o_in" and "amp_heads" in self.needs:
@@ -339,6 +348,23 @@ def collect_width_statistics(
     return metric.compute()
 
 
+def width_shapes(model: nn.Module) -> tuple[list[int], list[int], int, int]:
+    """``(heads, neurons, head_dim, hidden_size)`` of ``model``'s blocks as they are now (the metric's sizes)."""
+    adapter = adapter_for(model)
+    return (
+        [view.num_heads for view in adapter.attentions(model)],
+        [view.intermediate_size for view in adapter.mlps(model)],
+        adapter.head_dim(model),
+        adapter.hidden_size(model),
+    )
+
+
+def site_modules(attn: AttentionView, mlp: MLPView) -> dict[str, nn.Module]:
+    """``{site: module}``: the projection whose input each of :data:`WIDTH_SITES` reads in one block."""
+    mlp_in = mlp.gate if mlp.gate is not None else mlp.up  # gate and up read the same input
+    return {"attn_in": attn.q.module, "o_in": attn.o.module, "mlp_in": mlp_in.module, "down_in": mlp.down.module}
+
+
 def attach_width_statistics(
     model: nn.Module, needs: Iterable[str], hooks: Hooks, current: dict[str, Tensor | None], **metric_kwargs: Any
 ) -> WidthStatistics:
@@ -355,15 +381,7 @@ def attach_width_statistics(
     """
     adapter = adapter_for(model)
     attentions, mlps = adapter.attentions(model), adapter.mlps(model)
-    head_dim = adapter.head_dim(model)
-    metric = WidthStatistics(
-        [view.num_heads for view in attentions],
-        [view.intermediate_size for view in mlps],
-        head_dim,
-        adapter.hidden_size(model),
-        needs,
-        **metric_kwargs,
-    )
+    metric = WidthStatistics(*width_shapes(model), needs, **metric_kwargs)
 
     def site_hook(block: int, site: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -373,8 +391,7 @@ def attach_width_statistics(
         return hook
 
     for b, (attn, mlp) in enumerate(zip(attentions, mlps, strict=True)):
-        mlp_in = mlp.gate if mlp.gate is not None else mlp.up  # gate and up read the same input
-        modules = {"attn_in": attn.q.module, "o_in": attn.o.module, "mlp_in": mlp_in.module, "down_in": mlp.down.module}
+        modules = site_modules(attn, mlp)
         for site in metric.sites:
             hooks.forward_pre(modules[site], site_hook(b, site))
     return metric

@@ -13,8 +13,9 @@ from transformers import LlamaForCausalLM
 
 from lit_prune.allocation import make_depth_plan
 from lit_prune.callbacks import DepthPruning
-from lit_prune.criteria.depth import needs_for, score_blocks, scores_from_stats
+from lit_prune.criteria.depth import needs_for, scores_from_stats
 from lit_prune.criteria.depth_config import ONE_PASS, DepthConfig
+from lit_prune.criteria.scoring import score_blocks
 from lit_prune.stats import collect_depth_statistics
 
 

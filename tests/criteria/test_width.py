@@ -8,7 +8,7 @@ from conftest import tiny_config
 from torch import Tensor, nn
 from transformers import LlamaForCausalLM
 
-import lit_prune.criteria.width as width
+import lit_prune.criteria.scoring as scoring
 from lit_prune.criteria import (
     WIDTH_CRITERIA,
     WidthScores,
@@ -126,7 +126,7 @@ def test_score_width_runs_one_pass_with_only_what_the_criterion_needs(
         calls.append(set(args[2]))  # type: ignore[call-overload]
         return collect_width_statistics(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(width, "collect_width_statistics", spy)
+    monkeypatch.setattr(scoring, "collect_width_statistics", spy)
     data = batches()
     scores = score_width(model, data, "amp")
     assert calls == [{"amp_heads", "amp_neurons"}]

@@ -15,7 +15,8 @@ from transformers import LlamaForCausalLM
 from lit_prune.allocation import check_width_options, make_width_plan, params_to_remove
 from lit_prune.callbacks import WidthPruning
 from lit_prune.criteria import registry
-from lit_prune.criteria.width import score_width, width_needs_for
+from lit_prune.criteria.scoring import score_width
+from lit_prune.criteria.width import width_needs_for
 from lit_prune.criteria.width_config import GQA_MODES, PARAMS_OF, WIDTH_ALLOCATIONS, WidthConfig, WidthCriterion
 
 

@@ -275,8 +275,9 @@ def test_linear_input_statistics_match_the_reference_arithmetic(
     """Bit-identical to in-place float64 sums of inputs cast before the products, also over several chunks."""
     d = 33
     if chunk_tokens is not None:
-        # the globals the class runs with (a doctest run may have imported the module file a second time)
-        monkeypatch.setitem(LinearInputStatistics.update.__globals__, "_CHUNK_ELEMENTS", chunk_tokens * d)
+        # the globals the chunking runs with (a doctest run may have imported the module file a second time)
+        chunks = LinearInputStatistics.update.__globals__["_f64_chunks"]
+        monkeypatch.setitem(chunks.__globals__, "_CHUNK_ELEMENTS", chunk_tokens * d)
     g = torch.Generator().manual_seed(0)
     inputs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     for scale in (1e-3, 1.0, 1e3):

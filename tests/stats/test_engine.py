@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import LlamaForCausalLM
 
 from lit_prune.arch import ModelAdapter
-from lit_prune.criteria.depth import score_blocks
+from lit_prune.criteria.scoring import score_blocks
 from lit_prune.stats import (
     WIDTH_NEEDS,
     Hooks,
