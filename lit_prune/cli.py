@@ -366,11 +366,12 @@ def _replay(
     """Apply saved plans in order; a plan that does not fit the model (or its calibration) is a one-line error.
 
     A sparsity plan re-computes its masks on ``data.calibration_dataloader()`` (what the pruning callbacks read) through
-    :func:`lit_prune.surgery.apply_plan`; like :class:`~lit_prune.callbacks.SparsityPruning`, it leaves the module's
-    structural plan list (``module.pruning_plans``, replayed from checkpoints) alone: the masks are buffers.
+    :func:`lit_prune.surgery.apply_plan`, and a plan with a ``reconstruction`` record refits its weights on it. Like
+    :class:`~lit_prune.callbacks.SparsityPruning`, a sparsity plan leaves the module's structural plan list
+    (``module.pruning_plans``, replayed from checkpoints) alone: the masks are buffers.
     """
     log.info("Replaying %d plan(s) from %s", len(plans), source)
-    if any(plan.changes_sparsity for plan in plans):
+    if any(plan.changes_sparsity or plan.reconstruction is not None for plan in plans):
         if isinstance(data, TokenDataModule) and data.tokenizer is None:
             data.tokenizer = module.tokenizer
         module.to(device)
@@ -378,6 +379,8 @@ def _replay(
         try:
             if plan.changes_sparsity:
                 apply_plan(module.model, plan, calibration=_replay_calibration(data, i, plan))
+            elif plan.reconstruction is not None:
+                module.apply_plan(plan, calibration=_replay_calibration(data, i, plan))
             else:
                 module.apply_plan(plan)
         except (ValueError, TypeError) as err:
@@ -387,13 +390,13 @@ def _replay(
 
 
 def _replay_calibration(data: Any, index: int, plan: PruningPlan) -> Any:
-    """The calibration batches a sparsity plan replays on: the datamodule's ``calibration_dataloader()``."""
+    """The calibration batches a sparsity or reconstruction plan replays on: ``data.calibration_dataloader()``."""
     factory = getattr(data, "calibration_dataloader", None)
     if factory is None:
         raise CLIError(
-            f"--plan: plan [{index}] ({plan.method}) re-computes its masks on calibration data, but the config's "
-            f"datamodule ({type(data).__name__}) has no calibration_dataloader(); use the data section of the config "
-            "the plan was made with"
+            f"--plan: plan [{index}] ({plan.method}) re-computes its masks or refits on calibration data, but the "
+            f"config's datamodule ({type(data).__name__}) has no calibration_dataloader(); use the data section of "
+            "the config the plan was made with"
         )
     return factory()
 

@@ -147,14 +147,16 @@ class CausalLMModule(pl.LightningModule):
         restore_masks_on_load(self)  # a checkpoint of a sparse model carries `weight_mask` buffers to recreate
         self._lit_prune_restores_masks = True
 
-    def apply_plan(self, plan: PruningPlan) -> None:
+    def apply_plan(self, plan: PruningPlan, **kwargs: Any) -> None:
         """Apply a pruning plan to the wrapped model and remember it for checkpoints.
 
-        LoRA adapters, if attached, are merged first: surgery acts on the merged weights.
+        LoRA adapters, if attached, are merged first: surgery acts on the merged weights. ``kwargs`` go to
+        :func:`lit_prune.surgery.apply_plan` (``calibration=`` / ``statistics=`` for a plan that refits weights,
+        ``reconstruct=False`` for its shapes only).
         """
         if merge_adapters(self):
             log.info("Merged LoRA adapters before applying a pruning plan")
-        apply_plan(self.model, plan)
+        apply_plan(self.model, plan, **kwargs)
         self.pruning_plans.append(plan.to_dict())
 
     @override
@@ -174,7 +176,7 @@ class CausalLMModule(pl.LightningModule):
                 f"({len(saved)} plans saved, {len(self.pruning_plans)} applied here, first ones differ)."
             )
         for entry in saved[len(self.pruning_plans) :]:
-            self.apply_plan(PruningPlan.from_dict(entry))
+            self.apply_plan(PruningPlan.from_dict(entry), reconstruct=False)  # the weights are the checkpoint's
         if len(saved) > 0:
             log.info("Replayed %d pruning plan(s) from the checkpoint before loading its weights", len(saved))
         record = checkpoint.get("lit_prune_lora")

@@ -21,14 +21,15 @@ version. A record that could build a different model than the one it describes i
 - an **unknown key** is refused, naming it (and the closest field name when it looks like a typo);
 - a **missing structural field** is refused, naming it: ``drop_layers`` and ``num_layers`` (not null) in every plan,
   and from version 2 ``keep_heads``, ``keep_neurons``, ``heads_before`` and ``neurons_before`` (null when unused;
-  every lit-prune of that version writes them), from version 3 ``sparsity`` (null except in sparsity plans), and
+  every lit-prune of that version writes them), from version 3 ``sparsity`` (null except in sparsity plans), from
+  version 4 ``reconstruction`` (null unless the surviving weights were refit), and
   ``heads_before`` / ``neurons_before`` whenever ``keep_heads`` / ``keep_neurons`` are given;
 - **older versions** load with the later fields at their defaults (a version 1 plan is a depth plan: no width
   fields; a version 2 sparsity plan has no ``sparsity`` record, only per-block sparsity in its ``meta``, so it loads
   but cannot be replayed); descriptive fields (``method``, the parameter counts, ``scores``, ``meta``) default when
   absent;
 - a plan with no ``"version"`` is taken as hand-written for the current version (the same rules, except that the
-  version 2 and 3 fields may be left out).
+  version 2 to 4 fields may be left out).
 
 Plan files are read by :func:`read_plans`: one plan object (:meth:`PruningPlan.to_json`), a list of them
 (``pruning_plans.json``, written by :func:`lit_prune.io.save_pretrained`), or a folder holding ``pruning_plans.json``.
@@ -40,6 +41,7 @@ import copy
 import difflib
 import json
 import logging
+import math
 import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -48,10 +50,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PLAN_FORMAT_VERSION = 3
+PLAN_FORMAT_VERSION = 4
 """Written to every plan's JSON as ``"version"``; bumped when a field is added that changes what a plan does or the
 meaning of an existing field changes (2: ``keep_heads`` / ``keep_neurons``, width pruning; 3: ``sparsity``, replayable
-sparsity plans)."""
+sparsity plans; 4: ``reconstruction``, least-squares refits of the surviving weights)."""
 
 _FIELDS_ADDED: dict[int, tuple[str, ...]] = {
     1: (
@@ -67,6 +69,7 @@ _FIELDS_ADDED: dict[int, tuple[str, ...]] = {
     ),
     2: ("keep_heads", "keep_neurons", "heads_before", "neurons_before"),
     3: ("sparsity",),
+    4: ("reconstruction",),
 }
 """The fields each format version added (every lit-prune of a version writes all fields up to it)."""
 
@@ -74,6 +77,7 @@ _STRUCTURAL_ADDED: dict[int, tuple[str, ...]] = {
     1: ("drop_layers", "num_layers"),
     2: ("keep_heads", "keep_neurons", "heads_before", "neurons_before"),
     3: ("sparsity",),
+    4: ("reconstruction",),
 }
 """The fields each version added that say what a plan does or which model it fits: required in a record of that
 version or later (the width ones and ``sparsity`` may be null)."""
@@ -111,6 +115,19 @@ SPARSITY_KEYS: dict[str, bool] = {
 the calibration tokens, None when none were used), ``masks_sha256`` (a digest of the keep masks) and
 ``masks_before_sha256`` (of the masks the model already carried, None when it carried none: a replay must start from
 the same ones)."""
+
+RECONSTRUCTION_KEYS: dict[str, bool] = {
+    "method": True,
+    "ridge": True,
+    "protocol": True,
+    "max_batches": False,
+    "calibration": False,
+    "lambdas": False,
+}
+"""The keys of a plan's ``reconstruction`` record (format version 4), and whether each is required: ``method``
+(``"lsq"``), ``ridge`` (relative to the mean diagonal of the kept inputs' Gram), ``protocol`` (``"one_shot"``),
+``max_batches`` (calibration batches used, None for all), ``calibration`` (:data:`CALIBRATION_KEYS`, the tokens the
+Grams came from) and ``lambdas`` (``{Linear name: absolute ridge λ}`` of every refit, as computed)."""
 
 CALIBRATION_KEYS: tuple[str, ...] = ("batches", "sequences", "tokens", "sha256")
 """The keys of ``sparsity["calibration"]``: how many batches, sequences and tokens were read, and the SHA-256 of their
@@ -211,18 +228,62 @@ def _checked_sparsity(record: object) -> dict[str, Any] | None:
     if max_batches is not None and (_as_index(max_batches) is None or max_batches < 1):
         raise ValueError(f"`sparsity['max_batches']` must be an int >= 1 or None, got {max_batches!r}")
 
-    calibration = data["calibration"]
-    if calibration is not None:
-        if not isinstance(calibration, dict):
-            raise ValueError(f"`sparsity['calibration']` must be a mapping {list(CALIBRATION_KEYS)} or None")
-        _checked_keys("sparsity['calibration']", calibration, CALIBRATION_KEYS, CALIBRATION_KEYS)
-        for key in CALIBRATION_KEYS[:-1]:
-            _check_count(f"sparsity['calibration']['{key}']", calibration[key])
-            if calibration[key] is None:
-                raise ValueError(f"`sparsity['calibration']['{key}']` must be an int >= 0, got None")
-        _check_digest("sparsity['calibration']['sha256']", calibration["sha256"], optional=False)
+    _check_calibration("sparsity['calibration']", data["calibration"])
     _check_digest("sparsity['masks_sha256']", data["masks_sha256"], optional=True)
     _check_digest("sparsity['masks_before_sha256']", data["masks_before_sha256"], optional=True)
+    return data
+
+
+def _check_calibration(where: str, calibration: object) -> None:
+    """Raise ``ValueError`` unless ``calibration`` is None or a complete :data:`CALIBRATION_KEYS` digest."""
+    if calibration is None:
+        return
+    if not isinstance(calibration, dict):
+        raise ValueError(f"`{where}` must be a mapping {list(CALIBRATION_KEYS)} or None")
+    _checked_keys(where, calibration, CALIBRATION_KEYS, CALIBRATION_KEYS)
+    for key in CALIBRATION_KEYS[:-1]:
+        _check_count(f"{where}['{key}']", calibration[key])
+        if calibration[key] is None:
+            raise ValueError(f"`{where}['{key}']` must be an int >= 0, got None")
+    _check_digest(f"{where}['sha256']", calibration["sha256"], optional=False)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked_reconstruction(record: object) -> dict[str, Any] | None:
+    """A reconstruction record as plain JSON data, or ``ValueError`` naming what is wrong.
+
+    See :data:`RECONSTRUCTION_KEYS`; the method and protocol values are checked by ``ReconstructConfig`` when applied.
+    """
+    if record is None:
+        return None
+    if not isinstance(record, Mapping):
+        raise ValueError(
+            f"`reconstruction` must be a mapping {list(RECONSTRUCTION_KEYS)} or None, got {type(record).__name__}"
+        )
+    try:
+        data = json.loads(json.dumps(record, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`reconstruction` must hold only JSON values (finite numbers): {err}") from None
+    _checked_keys("reconstruction", data, RECONSTRUCTION_KEYS, [k for k, r in RECONSTRUCTION_KEYS.items() if r])
+    for key in RECONSTRUCTION_KEYS:
+        data.setdefault(key, None)
+    for key in ("method", "protocol"):
+        if not isinstance(data[key], str):
+            raise ValueError(f"`reconstruction['{key}']` must be a string, got {data[key]!r}")
+    if not _is_number(data["ridge"]) or data["ridge"] < 0:
+        raise ValueError(f"`reconstruction['ridge']` must be a finite number >= 0, got {data['ridge']!r}")
+    max_batches = data["max_batches"]
+    if max_batches is not None and (_as_index(max_batches) is None or max_batches < 1):
+        raise ValueError(f"`reconstruction['max_batches']` must be an int >= 1 or None, got {max_batches!r}")
+    _check_calibration("reconstruction['calibration']", data["calibration"])
+    lambdas = data["lambdas"]
+    if lambdas is not None:
+        if not isinstance(lambdas, dict) or not all(_is_number(v) and v >= 0 for v in lambdas.values()):
+            raise ValueError(f"`reconstruction['lambdas']` must map Linear names to numbers >= 0, got {lambdas!r}")
+        data["lambdas"] = {name: float(v) for name, v in lambdas.items()}
     return data
 
 
@@ -329,6 +390,10 @@ class PruningPlan:
             "calibration": {"batches", "sequences", "tokens", "sha256"} or None, "masks_sha256": ...,
             "masks_before_sha256": ...}``; stored
             as plain JSON data (``n_m`` as ``"N:M"``). None for depth and width plans. Not part of the hash.
+        reconstruction: how the surviving weights were refit after the cut (:data:`RECONSTRUCTION_KEYS`): ``{"method":
+            "lsq", "ridge": ..., "protocol": "one_shot", "max_batches": ..., "calibration": {...}, "lambdas": {...}}``;
+            applying the plan refits the same way from the Grams of that calibration. None: cut only. Not part of
+            the hash.
         meta: free-form, JSON-serialisable provenance (criterion arguments, calibration description). Not part of
             equality or the hash.
 
@@ -363,6 +428,7 @@ class PruningPlan:
     heads_before: tuple[int, ...] | None = None
     neurons_before: tuple[int, ...] | None = None
     sparsity: dict[str, Any] | None = field(default=None, hash=False)
+    reconstruction: dict[str, Any] | None = field(default=None, hash=False)
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -404,6 +470,10 @@ class PruningPlan:
                 f"{len(self.keep_neurons or {})} blocks; record each step as its own plan, in the order applied"
             )
         object.__setattr__(self, "sparsity", record)
+        refit = _checked_reconstruction(self.reconstruction)
+        if refit is not None and record is not None:
+            raise ValueError("A sparsity plan (`sparsity` given) has no `reconstruction`: it changes no shape")
+        object.__setattr__(self, "reconstruction", refit)
 
         if not isinstance(self.meta, dict):
             raise TypeError(f"`meta` must be a dict, got {type(self.meta).__name__}")
@@ -557,8 +627,8 @@ class PruningPlan:
             of = "a hand-written plan (no `version`)" if hand_written else f"a plan of format version {version}"
             raise ValueError(
                 f"This plan lacks the required field(s) {missing}: {of} must record {list(dict.fromkeys(required))} "
-                "(the width fields and `sparsity` may be null), or it could be applied to the wrong model or build a "
-                "different one. "
+                "(the width fields, `sparsity` and `reconstruction` may be null), or it could be applied to the wrong "
+                "model or build a different one. "
                 "Restore the field(s) from the original plan."
             )
         if data["num_layers"] is None:
@@ -661,6 +731,8 @@ class PruningPlan:
             width += f", neurons kept in {len(self.keep_neurons)} blocks"
         if self.sparsity is not None:
             width += f", sparsity in {len(self.sparsity['linears'])} Linears"
+        if self.reconstruction is not None:
+            width += f", {self.reconstruction['method']} refit of {len(self.reconstruction['lambdas'] or {})} Linears"
         return (
             f"PruningPlan(drop_layers={list(self.drop_layers)}, num_layers={self.num_layers}, "
             f"method={self.method!r}{width}{counts})"

@@ -64,7 +64,8 @@ def test_plan_errors(tmp_path, tiny_model_dir, text_file, monkeypatch):
         run_prune(["--config", cfg, "--plan", str(tmp_path / "missing.json")])
     sparse = tmp_path / "sparse.json"  # what lit-prune wrote before plan format version 3: no record to replay
     old = PruningPlan(num_layers=4, method="sparsity:wanda", meta={"sparsity": 0.5}).to_dict()
-    sparse.write_text(json.dumps({k: v for k, v in old.items() if k != "sparsity"} | {"version": 2}))
+    old = {k: v for k, v in old.items() if k not in ("sparsity", "reconstruction")}
+    sparse.write_text(json.dumps(old | {"version": 2}))
     with pytest.raises(CLIError, match=r"plan \[0\] \(sparsity:wanda\) is a sparsity plan without a `sparsity` "
                        r"record \(written by an older lit-prune, plan format version 2\).* cannot be replayed"):
         run_prune(["--config", cfg, "--plan", str(sparse), "--output", str(tmp_path / "o")])
@@ -184,3 +185,22 @@ def test_a_sparsity_plan_on_other_calibration_is_refused(tmp_path, tiny_model_di
                        r"the same calibration windows .*Nothing was modified"):
         run_prune(["--config", other, "--output", str(tmp_path / "b"), "--plan", str(tmp_path / "a")])
     assert not (tmp_path / "b").exists()
+
+
+AMP_LSQ = [{"class_path": "lit_prune.callbacks.WidthPruning",
+            "init_args": {"criterion": "amp", "amount": 0.2, "reconstruct": "lsq", "verbose": 0}}]
+
+
+def test_a_reconstruction_plan_replays_to_identical_weights(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    from lit_prune.callbacks import WidthPruning
+
+    cfg = _config(tmp_path, tiny_model_dir, text_file, callbacks=AMP_LSQ)
+    (first,) = run_prune(["--config", cfg, "--output", str(tmp_path / "a")])
+    assert first.reconstruction is not None and first.reconstruction["calibration"]["sequences"] == 4
+    monkeypatch.setattr(WidthPruning, "prune", lambda *a: pytest.fail("scored although --plan was given"))
+    (replayed,) = run_prune(["--config", cfg, "--output", str(tmp_path / "b"), "--plan",
+                             str(tmp_path / "a" / "pruning_plans.json")])
+    assert replayed == first
+    a, b = LlamaForCausalLM.from_pretrained(tmp_path / "a"), LlamaForCausalLM.from_pretrained(tmp_path / "b")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)  # the refit o/down weights too

@@ -46,11 +46,13 @@ from lit_prune.callbacks import WidthPruning
 from lit_prune.criteria.depth import DEPTH_CRITERIA
 from lit_prune.criteria.scoring import score_blocks, score_width
 from lit_prune.mop import MoPSearch, register_width_masks
+from lit_prune.plan import PruningPlan
 from lit_prune.recovery import LoRASpec, attach_lora, cka_importance, merge_lora, select_blocks
 from lit_prune.sparse import one_shot_stats, prunable_linears, prune_sparse, sequential_prune
 from lit_prune.stats import WIDTH_NEEDS, Hooks, WidthStatistics, collect_width_statistics
 from lit_prune.stats.collect import StatisticsRequest, collect_statistics
 from lit_prune.surgery import apply_plan, loads_without_lit_prune, prune_heads, prune_neurons, remove_blocks
+from lit_prune.surgery.reconstruct import ReconstructConfig, reconstruction_record
 
 VOCAB = 128
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, BLOCKS = 64, 4, 2, 24, 96, 4
@@ -535,6 +537,54 @@ def test_one_pass_sums_each_sites_squares_once_and_width_sums_do_not_depend_on_t
     assert only is not None and only.amp_heads is None and torch.equal(only.count, alone.count)
     assert (only.heads, only.neurons) == (alone.heads, alone.neurons)
     assert all(torch.equal(a, b) for a, b in zip(only.o_in_sq, alone.o_in_sq, strict=True))  # type: ignore[arg-type]
+
+
+NEURON_TWINS = {2 * j + 1: 2 * j for j in range(12)}  # neuron 2j+1 computes what neuron 2j does
+HEAD_TWINS = {1: 0, 3: 2}  # the second query head of each KV group copies the first
+
+
+def plant_twins(model: PreTrainedModel, family: Family, mlp_block: int = 1, attn_block: int = 2) -> None:
+    """Copy the rows that make a neuron's activation (gate/up, fused gate_up, fc1) and a head's queries (q rows of
+    q_proj or of the fused qkv_proj), weights and biases, from each source unit to its twin."""
+    mlp_rows = {"phi3": (("mlp.gate_up_proj", 0), ("mlp.gate_up_proj", INTERMEDIATE)), "phi": (("mlp.fc1", 0),)}
+    q_path = "self_attn.qkv_proj" if family.name == "phi3" else "self_attn.q_proj"  # [q; k; v]: q rows first
+    copies = [
+        (model.model.layers[mlp_block], path, offset, 1, NEURON_TWINS)
+        for path, offset in mlp_rows.get(family.name, (("mlp.gate_proj", 0), ("mlp.up_proj", 0)))
+    ] + [(model.model.layers[attn_block], q_path, 0, HEAD_DIM, HEAD_TWINS)]
+    with torch.no_grad():
+        for layer, path, offset, width, twins in copies:
+            linear = _module(layer, path)
+            for twin, source in twins.items():
+                dst = slice(offset + twin * width, offset + (twin + 1) * width)
+                src = slice(offset + source * width, offset + (source + 1) * width)
+                linear.weight[dst] = linear.weight[src]
+                if linear.bias is not None:
+                    linear.bias[dst] = linear.bias[src]
+
+
+def test_lsq_reconstruction_makes_removing_twin_units_exact(family: Family) -> None:
+    """Removing duplicated neurons and heads with the least-squares refit of down/o leaves the logits (fused, biased,
+    non-gated MLPs); cutting them without the refit does not."""
+    model = make_model(family)
+    plant_twins(model, family)
+    ids = _ids()
+    dense = logits(model, ids)
+    record = reconstruction_record(ReconstructConfig("lsq", ridge=1e-9), {}, None, None)
+    plan = PruningPlan(
+        num_layers=BLOCKS,
+        keep_neurons={1: tuple(n for n in range(INTERMEDIATE) if n not in NEURON_TWINS)},
+        keep_heads={2: tuple(h for h in range(HEADS) if h not in HEAD_TWINS)},
+        heads_before=(HEADS,) * BLOCKS,
+        neurons_before=(INTERMEDIATE,) * BLOCKS,
+        reconstruction=record,
+    )
+    cut = make_model(family)
+    plant_twins(cut, family)
+    apply_plan(cut, plan, reconstruct=False)
+    apply_plan(model, plan, calibration=batches(12))  # 384 tokens: more than any refit Linear's inputs
+    assert (logits(cut, ids) - dense).abs().max() > 1e-2
+    torch.testing.assert_close(logits(model, ids), dense, rtol=0, atol=1e-4)
 
 
 # --- LoRA ------------------------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def test_to_dict_is_a_copy():
 def test_from_dict_reads_old_and_hand_written_formats():
     # a version 1 plan (depth only: no width fields) loads with the width fields at their defaults
     v1 = {k: v for k, v in _plan().to_dict().items() if k not in ("keep_heads", "keep_neurons")}
-    v1 = {k: v for k, v in v1.items() if k not in ("heads_before", "neurons_before", "sparsity")} | {"version": 1}
+    v1 = {k: v for k, v in v1.items() if k not in ("heads_before", "neurons_before", "sparsity", "reconstruction")}
+    v1 |= {"version": 1}
     assert PruningPlan.from_dict(v1) == _plan() and PruningPlan.from_dict(v1).keep_heads is None
     # what the first lit-prune wrote (commit 5aad9f1: version 1, all version 1 fields) still loads
     first = {
@@ -101,26 +102,28 @@ def test_from_dict_reads_old_and_hand_written_formats():
         (
             {"version": 99},
             ValueError,
-            r"format version 99; this lit-prune reads plan format versions 1 to 3 .* Upgrade lit-prune",
+            r"format version 99; this lit-prune reads plan format versions 1 to 4 .* Upgrade lit-prune",
         ),
         (
             {"version": PLAN_FORMAT_VERSION + 1, "pruned_experts": {"0": [1]}},
             ValueError,
             rf"format version {PLAN_FORMAT_VERSION + 1}; this lit-prune reads",
         ),
-        ({"version": "2"}, ValueError, r"`version` must be an int in \[1, 3\] \(the plan format\), got '2'"),
-        ({"version": 0}, ValueError, r"`version` must be an int in \[1, 3\].*got 0"),
+        ({"version": "2"}, ValueError, r"`version` must be an int in \[1, 4\] \(the plan format\), got '2'"),
+        ({"version": 0}, ValueError, r"`version` must be an int in \[1, 4\].*got 0"),
         ({"version": True}, ValueError, r"`version` must be an int .*got True"),
         # unknown keys: refused by name, with the close match for a typo
-        ({"note": "hand-edited"}, ValueError, r"Unknown PruningPlan key\(s\) \['note'\]\. A plan of format version 3"),
+        ({"note": "hand-edited"}, ValueError, r"Unknown PruningPlan key\(s\) \['note'\]\. A plan of format version 4"),
         ({"num_layer": 6}, ValueError, r"\['num_layer'\] \(`num_layer`: did you mean `num_layers`\?\)"),
         ({"version": 1, "keep_heads": None}, ValueError, r"`keep_heads` is a field of format version 2, not 1"),
         ({"version": 2, "sparsity": None}, ValueError, r"`sparsity` is a field of format version 3, not 2"),
+        ({"version": 3, "reconstruction": None}, ValueError, r"`reconstruction` is a field of format version 4, not 3"),
         # missing structural fields: refused by name
         ({"drop": "num_layers"}, ValueError, r"lacks the required field\(s\) \['num_layers'\]: a plan of format "),
         ({"drop": "drop_layers"}, ValueError, r"lacks the required field\(s\) \['drop_layers'\]"),
         ({"drop": "keep_heads"}, ValueError, r"lacks the required field\(s\) \['keep_heads'\]"),
-        ({"drop": "sparsity"}, ValueError, r"lacks the required field\(s\) \['sparsity'\]: .*`sparsity` may be null"),
+        ({"drop": "sparsity"}, ValueError, r"lacks the required field\(s\) \['sparsity'\]: .*`sparsity` and"),
+        ({"drop": "reconstruction"}, ValueError, r"lacks the required field\(s\) \['reconstruction'\]"),
         ({"version": 1, "drop": "num_layers"}, ValueError, r"\['num_layers'\]: a plan of format version 1 must"),
         ({"num_layers": None}, ValueError, r"`num_layers` is null: a plan read from a file must record"),
     ],
@@ -128,6 +131,8 @@ def test_from_dict_reads_old_and_hand_written_formats():
 def test_from_dict_enforces_format_rules(data, error, message):
     data, record = dict(data), _plan().to_dict()
     record.pop(data.pop("drop", ""), None)
+    if data.get("version") in (1, 2, 3):
+        record.pop("reconstruction")
     if data.get("version") in (1, 2):
         record.pop("sparsity")
     if data.get("version") == 1:
@@ -315,7 +320,7 @@ def test_a_sparsity_plan_round_trips_exactly(tmp_path):
     plan = _sparsity_plan()
     assert plan.changes_sparsity and not _plan().changes_sparsity and not plan.changes_width
     data = json.loads(plan.to_json())
-    assert data["version"] == PLAN_FORMAT_VERSION == 3
+    assert data["version"] == PLAN_FORMAT_VERSION == 4
     assert data["sparsity"] == _sparsity_record()
     back = PruningPlan.from_json(plan.to_json(tmp_path / "sparsity-plan-1.json"))
     assert back == plan and back.sparsity == plan.sparsity
@@ -336,7 +341,7 @@ def test_a_sparsity_plan_round_trips_exactly(tmp_path):
 
 def test_a_version_2_plan_still_loads():
     v2 = _plan().to_dict()
-    del v2["sparsity"]
+    del v2["sparsity"], v2["reconstruction"]
     assert PruningPlan.from_dict(v2 | {"version": 2}) == _plan()
     # a version 2 sparsity plan (per-block sparsity in `meta` only) loads, without a record to replay
     old = {"version": 2, "drop_layers": [], "num_layers": 4, "method": "sparsity:wanda", "params_before": 10,
@@ -345,7 +350,7 @@ def test_a_version_2_plan_still_loads():
            "meta": {"sparsity": 0.5, "block_sparsity": [0.5] * 4}}  # fmt: skip
     loaded = PruningPlan.from_dict(old)
     assert loaded.sparsity is None and not loaded.changes_sparsity and loaded.meta["sparsity"] == 0.5
-    assert PruningPlan.from_dict(loaded.to_dict()) == loaded  # written back as version 3, `sparsity` null
+    assert PruningPlan.from_dict(loaded.to_dict()) == loaded  # written back as version 4, `sparsity` null
 
 
 def test_sparsity_config_fields_are_the_plan_record_keys():
@@ -401,3 +406,46 @@ def test_sparsity_record_misconfiguration():
         _width_plan(drop_layers=(), sparsity=_sparsity_record())
     with pytest.raises(ValueError, match=r"`sparsity` must hold only JSON values"):
         _sparsity_plan(max_batches=object())
+
+
+# --- reconstruction records (format version 4) -------------------------------------------------------------------
+def _reconstruction(**overrides):
+    record = {"method": "lsq", "ridge": 1e-3, "protocol": "one_shot", "max_batches": None,
+              "calibration": {"batches": 2, "sequences": 4, "tokens": 64, "sha256": "ab" * 32},
+              "lambdas": {"model.layers.0.mlp.down_proj": 0.25}}  # fmt: skip
+    record.update(overrides)
+    return record
+
+
+def test_a_reconstruction_record_round_trips_and_shows_in_the_repr(tmp_path):
+    import dataclasses
+
+    plan = dataclasses.replace(_width_plan(), reconstruction=_reconstruction())
+    back = PruningPlan.from_json(plan.to_json(tmp_path / "plan.json"))
+    assert back == plan and back.reconstruction == _reconstruction()
+    assert "lsq refit of 1 Linears" in repr(plan)
+    v3 = {k: v for k, v in _width_plan().to_dict().items() if k != "reconstruction"} | {"version": 3}
+    assert PruningPlan.from_dict(v3).reconstruction is None  # older plans: cut only
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"ridge": -1.0}, r"`reconstruction\['ridge'\]` must be a finite number >= 0, got -1.0"),
+        ({"ridge": True}, r"`reconstruction\['ridge'\]` must be a finite number"),
+        ({"method": 3}, r"`reconstruction\['method'\]` must be a string, got 3"),
+        ({"max_batches": 0}, r"`reconstruction\['max_batches'\]` must be an int >= 1 or None, got 0"),
+        ({"lambdas": {"x": -2}}, r"`reconstruction\['lambdas'\]` must map Linear names to numbers >= 0"),
+        ({"calibration": {"batches": 1}}, r"`reconstruction\['calibration'\]` lacks the required key"),
+        ({"ridg": 1.0}, r"unknown key\(s\) \['ridg'\] \(`ridg`: did you mean `ridge`\?\)"),
+    ],
+)
+def test_a_bad_reconstruction_record_is_refused_naming_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        PruningPlan(num_layers=4, keep_neurons={0: (0, 1)}, neurons_before=(4,) * 4,
+                    reconstruction=_reconstruction(**overrides))  # fmt: skip
+
+
+def test_a_sparsity_plan_has_no_reconstruction():
+    with pytest.raises(ValueError, match="has no `reconstruction`"):
+        PruningPlan(num_layers=4, sparsity=_sparsity_record(), reconstruction=_reconstruction())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import warnings
@@ -19,11 +20,19 @@ from typing_extensions import override
 from lit_prune.allocation import make_width_plan
 from lit_prune.arch import adapter_for, unwrap
 from lit_prune.callbacks.base import PruningCallback, count_windows, warn_small_calibration
-from lit_prune.criteria.scoring import score_width
+from lit_prune.criteria.scoring import score_width, score_width_with_grams
 from lit_prune.criteria.width import WidthScores, random_scores, width_needs_for
 from lit_prune.criteria.width_config import GQAMode, ParamsOf, WidthAllocation, WidthConfig, WidthCriterion
 from lit_prune.plan import PruningPlan
+from lit_prune.sparse.record import calibration_digest, ranks_digest
 from lit_prune.surgery import apply_plan, check_width_keep
+from lit_prune.surgery.reconstruct import (
+    Reconstruct,
+    ReconstructConfig,
+    plan_lambdas,
+    reader_linears,
+    reconstruction_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +44,9 @@ class WidthPruning(PruningCallback):
     ``on_train_epoch_start`` of ``at_epoch``) runs ONE calibration pass with forward hooks that collect what the
     criterion needs (none for ``magnitude`` / ``random``), reduces it across DDP ranks, allocates the budget
     (:func:`lit_prune.allocation.make_width_plan`), cuts the same heads and neurons on every rank, rebuilds the DDP
-    wrapper and the optimizers, and writes the plan as JSON next to the checkpoints.
+    wrapper and the optimizers, and writes the plan as JSON next to the checkpoints. With ``reconstruct="lsq"`` the
+    same pass also collects the input Grams of every ``o_proj`` and ``down_proj``, and the cut Linears are refit by
+    least squares on their kept inputs (:mod:`lit_prune.surgery.reconstruct`; recorded in the plan).
 
     The options and their defaults are those of :class:`~lit_prune.criteria.width_config.WidthConfig` (shared with
     :func:`~lit_prune.criteria.scoring.score_width` and :func:`~lit_prune.allocation.make_width_plan`), built into
@@ -57,6 +68,10 @@ class WidthPruning(PruningCallback):
             that would go below it is an error, global allocation stops at it).
         reversed_of: the criterion that ``reversed`` negates.
         seed: seed of ``random``.
+        reconstruct: ``"none"`` (cut only) or ``"lsq"`` (refit ``o_proj`` after heads and ``down_proj`` after neurons
+            go: ``W' = W·C[:, K]·(C[K, K] + λI)⁻¹``). Its Grams take ``(d_o² + d_ff²)·8`` bytes per block (float64:
+            about 650 MB for SmolLM2-135M's 30 blocks).
+        ridge: λ relative to the mean diagonal of the kept inputs' Gram (``reconstruct="lsq"``), >= 0.
         **kwargs: ``at_epoch``, ``calibration``, ``calibration_batches``, ``verbose`` (0 silent, 1 log what was
             removed, 2 also per-block widths): see :class:`~lit_prune.callbacks.PruningCallback`.
 
@@ -84,6 +99,8 @@ class WidthPruning(PruningCallback):
         min_keep: float = WidthConfig.min_keep,
         reversed_of: str = WidthConfig.reversed_of,
         seed: int = WidthConfig.seed,
+        reconstruct: Reconstruct = ReconstructConfig.reconstruct,
+        ridge: float = ReconstructConfig.ridge,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -100,6 +117,8 @@ class WidthPruning(PruningCallback):
         )
         self.config = config
         """The validated options (:class:`~lit_prune.criteria.width_config.WidthConfig`) every pruning step uses."""
+        self.reconstruction = ReconstructConfig.for_callback(reconstruct=reconstruct, ridge=ridge)
+        """How the cut Linears are refit (:class:`~lit_prune.surgery.reconstruct.ReconstructConfig`)."""
         self.last_scores: WidthScores | None = None
         """The head and neuron scores of the last pruning step."""
 
@@ -153,9 +172,17 @@ class WidthPruning(PruningCallback):
         self.check_model(pl_module)
         model = unwrap(pl_module)
         start = time.perf_counter()
-        scores = score_width(
-            model, calibration, config=self.config, max_batches=self.calibration_batches, progress=self.verbose > 0
-        )
+        refit = self.reconstruction
+        grams = None
+        if refit.enabled:  # the scores' statistics and the Grams the refits read, in one pass
+            scores, grams = score_width_with_grams(
+                model, calibration, reader_linears(model), config=self.config, max_batches=self.calibration_batches,
+                progress=self.verbose > 0,
+            )  # fmt: skip
+        else:
+            scores = score_width(
+                model, calibration, config=self.config, max_batches=self.calibration_batches, progress=self.verbose > 0
+            )
         seconds = time.perf_counter() - start
         self.last_scores = scores
         windows = None
@@ -164,14 +191,22 @@ class WidthPruning(PruningCallback):
             windows = count_windows(calibration, self.calibration_batches, next(model.parameters()).device)
             warn_small_calibration("WidthPruning", windows, "the heads and neurons")
         plan = self.plan_for(model, scores)
+        if grams is not None:
+            windows = windows or count_windows(calibration, self.calibration_batches, next(model.parameters()).device)
+            lambdas = plan_lambdas(model, plan, grams, refit.ridge)
+            digest = ranks_digest(calibration_digest(calibration, self.calibration_batches))  # same on every rank
+            record_of = reconstruction_record(refit, lambdas, digest, self.calibration_batches)
+            plan = dataclasses.replace(plan, reconstruction=record_of)
         if windows is not None:
             plan.meta["calibration_windows"] = windows
         plan.meta["scoring_seconds"] = seconds
+        start = time.perf_counter()
         record = getattr(pl_module, "apply_plan", None)
         if callable(record):
-            record(plan)  # CausalLMModule: applies and remembers the plan for checkpoint reloads
+            record(plan, statistics=grams)  # CausalLMModule: applies and remembers the plan for checkpoint reloads
         else:
-            apply_plan(model, plan)
+            apply_plan(model, plan, statistics=grams)
+        surgery_seconds = time.perf_counter() - start
         if self.verbose:
             heads = sum(len(k) for k in (plan.keep_heads or {}).values())
             rank_zero_info(
@@ -179,6 +214,12 @@ class WidthPruning(PruningCallback):
                 f"{plan.params_after:,} ({100 * (plan.fraction_removed or 0):.1f}% removed); "
                 f"{len(plan.keep_heads or {})} blocks lost heads ({heads} kept there), "
                 f"{len(plan.keep_neurons or {})} blocks lost neurons; scoring took {seconds:.1f} s"
+                + (
+                    f"; {refit.reconstruct} refit of {len(plan.reconstruction['lambdas'])} Linears (ridge "
+                    f"{refit.ridge:g} x mean Gram diagonal) took {surgery_seconds:.1f} s"
+                    if plan.reconstruction is not None
+                    else ""
+                )
             )
         if self.verbose > 1:
             for b, shape in enumerate(_widths(model)):

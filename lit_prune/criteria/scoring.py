@@ -9,6 +9,7 @@ criteria), and score.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,10 +20,11 @@ from lit_prune.criteria import registry
 from lit_prune.criteria.depth import _config
 from lit_prune.criteria.depth_config import DepthConfig
 from lit_prune.criteria.registry import ScoreInputs
-from lit_prune.criteria.width import WidthScores
+from lit_prune.criteria.width import WidthScores, width_needs_for
 from lit_prune.criteria.width_config import WidthConfig
-from lit_prune.stats import Batches, collect_width_statistics
+from lit_prune.stats import Batches, WidthStats, collect_width_statistics
 from lit_prune.stats.collect import StatisticsRequest, collect_statistics
+from lit_prune.stats.linear import LinearStats
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +139,55 @@ def score_width(
         TypeError: for a keyword that is not a ``WidthConfig`` field.
     """
     cfg = WidthConfig.build(config, **({"criterion": criterion} if criterion is not None else {}), **options)
-    criterion, of = cfg.criterion, {"reversed": cfg.reversed_of}
-    needs = registry.needs("width", criterion, of)
+    needs = width_needs_for(cfg.criterion, reversed_of=cfg.reversed_of)
     stats = None
     if needs:
-        if batches is None:
-            base = cfg.reversed_of if criterion == "reversed" else criterion
-            raise ValueError(f"Criterion {base!r} needs calibration `batches`, got None")
-        stats = collect_width_statistics(model, batches, needs, max_batches, progress, device)
+        stats = collect_width_statistics(model, _require_batches(cfg, batches), needs, max_batches, progress, device)
+    return _width_scores(model, stats, cfg)
+
+
+def score_width_with_grams(
+    model: nn.Module,
+    batches: Batches,
+    linears: Sequence[str],
+    *,
+    config: WidthConfig | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+) -> tuple[WidthScores, dict[str, LinearStats]]:
+    """:func:`score_width` plus the input Grams of ``linears`` (what a reconstruction refits), from ONE pass.
+
+    Returns:
+        The scores, and ``{Linear name: LinearStats}`` with ``hessian_sum`` (``Σ x xᵀ``, float64) for each of
+        ``linears``.
+
+    Raises:
+        ValueError: as :func:`score_width`, or if a name is not a prunable Linear of the model.
+    """
+    cfg = WidthConfig.build(config)
+    needs = width_needs_for(cfg.criterion, reversed_of=cfg.reversed_of)
+    request = StatisticsRequest(width=needs, linear={"hessian"}, linears=linears)
+    data = _require_batches(cfg, batches)
+    collected = collect_statistics(model, data, request, max_batches=max_batches, progress=progress, device=device)
+    assert collected.linear is not None  # noqa: S101  # asked for
+    return _width_scores(model, collected.width, cfg), collected.linear
+
+
+def _require_batches(cfg: WidthConfig, batches: Batches | None) -> Batches:
+    if batches is None:
+        base = cfg.reversed_of if cfg.criterion == "reversed" else cfg.criterion
+        raise ValueError(f"Criterion {base!r} needs calibration `batches`, got None")
+    return batches
+
+
+def _width_scores(model: nn.Module, stats: WidthStats | None, cfg: WidthConfig) -> WidthScores:
+    """The config's criterion on ``stats`` (None for the data-free criteria)."""
     inputs = ScoreInputs(stats=stats, model=model, seed=cfg.seed)
-    scores: WidthScores = registry.compute("width", criterion, inputs, of)[criterion]
+    scores: WidthScores = registry.compute("width", cfg.criterion, inputs, {"reversed": cfg.reversed_of})[cfg.criterion]
     log.debug(
         "Width scores (%s) of %d blocks: %d heads, %d neurons",
-        criterion,
+        cfg.criterion,
         scores.num_blocks,
         sum(h.numel() for h in scores.heads),
         sum(n.numel() for n in scores.neurons),

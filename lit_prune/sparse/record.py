@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lit_prune.sparse.config import SparsityConfig
@@ -79,6 +80,23 @@ def calibration_digest(batches: Batches, max_batches: int | None = None) -> dict
         n_batches += 1
         sequences += ids.shape[0]
     return {"batches": n_batches, "sequences": sequences, "tokens": tokens, "sha256": digest.hexdigest()}
+
+
+def ranks_digest(digest: Mapping[str, Any]) -> dict[str, Any]:
+    """One digest of every DDP rank's calibration (this rank's ``digest`` when not distributed).
+
+    Counts are summed and the SHA-256 is taken over the ranks' digests in rank order, so every rank records the same
+    calibration. Every rank must call it. A plan made on several ranks therefore replays only on the same sharded
+    calibration.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(digest)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(digest))
+    combined = hashlib.sha256("".join(d["sha256"] for d in gathered).encode()).hexdigest()
+    return {key: sum(int(d[key]) for d in gathered) for key in ("batches", "sequences", "tokens")} | {
+        "sha256": combined
+    }
 
 
 def masks_digest(masks: Mapping[str, Tensor]) -> str | None:

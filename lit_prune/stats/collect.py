@@ -45,6 +45,8 @@ class StatisticsRequest:
         width: :data:`~lit_prune.stats.WIDTH_NEEDS` (per head and neuron).
         candidates: :data:`~lit_prune.stats.GLOBAL_METRICS` (the model without each block, replayed per batch).
         linear: :data:`~lit_prune.stats.linear.NEEDS` (every prunable Linear's input sums: sparsity, reconstruction).
+        linears: the names of the prunable Linears ``linear`` is collected from (None: all of them), e.g. the
+            ``o_proj`` / ``down_proj`` a reconstruction refits (:func:`~lit_prune.surgery.reconstruct.reader_linears`).
 
     Raises:
         ValueError: if a part names something its statistics cannot collect, or nothing is asked at all.
@@ -54,11 +56,16 @@ class StatisticsRequest:
     width: Iterable[str] = field(default_factory=frozenset)
     candidates: Iterable[str] = field(default_factory=frozenset)
     linear: Iterable[str] = field(default_factory=frozenset)
+    linears: Iterable[str] | None = None
 
     def __post_init__(self) -> None:
         parts = (("depth", DEPTH_NEEDS), ("width", WIDTH_NEEDS), ("candidates", GLOBAL_METRICS), ("linear", NEEDS))
         for name, allowed in parts:
             object.__setattr__(self, name, _names(name, getattr(self, name), allowed))
+        if self.linears is not None:
+            if isinstance(self.linears, str):
+                raise ValueError(f"`linears` must be a collection of Linear names, got the string {self.linears!r}")
+            object.__setattr__(self, "linears", frozenset(self.linears))
         if not (self.depth or self.width or self.candidates or self.linear):
             raise ValueError(
                 "The StatisticsRequest asks for nothing: name at least one depth, width, candidates or linear need"
@@ -98,7 +105,7 @@ def collect_statistics(
     kw: dict[str, Any] = {"sync_on_compute": sync}
     hf_model = unwrap(model)
     replay = CandidateReplay(hf_model, request.candidates, **kw) if request.candidates else None
-    sources = _square_sources(hf_model) if request.width and "input_sq" in request.linear else None
+    sources = _square_sources(hf_model, request.linears) if request.width and "input_sq" in request.linear else None
     shared = frozenset(request.width) & frozenset(SQUARE_OF.values()) if sources is not None else frozenset()
     width_needs = frozenset(request.width) - shared  # the squares both ask for are summed once, by the Linears
     attach: dict[str, Attach] = {}
@@ -111,12 +118,9 @@ def collect_statistics(
             hf_model, width_needs, hooks, current, **kw
         )
     if request.linear:
+        linears = _requested_linears(hf_model, request.linears)
         attach["linear"] = lambda hf_model, hooks, current: attach_linear_statistics(
-            hooks,
-            {name: lin for block in block_linears(hf_model) for name, lin in block.items()},
-            request.linear,
-            current,
-            **kw,
+            hooks, linears, request.linear, current, **kw
         )
     if replay is not None:
         attach["candidates"] = lambda hf_model, hooks, current: replay.attach(hooks)
@@ -142,21 +146,36 @@ def collect_statistics(
     )
 
 
-def _square_sources(hf_model: nn.Module) -> list[dict[str, str]] | None:
-    """Per block, ``{square need: the Linear whose input_sq is that sum}``; None if a site is not a prunable Linear."""
+def _requested_linears(hf_model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Linear]:
+    """``{name: Linear}`` of the prunable Linears ``names`` asks for (all when None); unknown names are refused."""
+    every = {name: lin for block in block_linears(hf_model) for name, lin in block.items()}
+    if names is None:
+        return every
+    unknown = sorted(set(names) - set(every))
+    if unknown:
+        raise ValueError(
+            f"`linears` names {unknown[:4]}{' ...' if len(unknown) > 4 else ''}, which are not prunable Linears of "
+            f"this model; e.g. {list(every)[:3]}"
+        )
+    return {name: lin for name, lin in every.items() if name in set(names)}
+
+
+def _square_sources(hf_model: nn.Module, names: Iterable[str] | None) -> list[dict[str, str]] | None:
+    """Per block, ``{square need: the Linear whose input_sq is that sum}``; None if a site is not a collected Linear."""
     adapter = adapter_for(hf_model)
-    sources = []
+    allowed = None if names is None else frozenset(names)
+    sources: list[dict[str, str]] = []
     for attn, mlp, linears in zip(
         adapter.attentions(hf_model), adapter.mlps(hf_model), block_linears(hf_model), strict=True
     ):
         name_of = {id(linear): name for name, linear in linears.items()}
-        names = {}
+        per_site: dict[str, str] = {}
         for site, module in site_modules(attn, mlp).items():
             name = name_of.get(id(base_layer(module)))
-            if name is None:
+            if name is None or (allowed is not None and name not in allowed):
                 return None
-            names[SQUARE_OF[site]] = name
-        sources.append(names)
+            per_site[SQUARE_OF[site]] = name
+        sources.append(per_site)
     return sources
 
 

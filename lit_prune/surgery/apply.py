@@ -1,28 +1,39 @@
 """``apply_plan``: the one function that changes a model from a :class:`~lit_prune.plan.PruningPlan`.
 
-Width changes (heads, neurons) first, then the dropped blocks; everything is validated before anything changes. A
-sparsity plan re-computes its masks on the calibration it was made on (:func:`lit_prune.sparse.replay_sparsity`).
+Width changes (heads, neurons) first, with the least-squares refits a ``reconstruction`` record asks for
+(:mod:`lit_prune.surgery.reconstruct`, computed before the cut), then the dropped blocks; everything is validated
+before anything changes. A sparsity plan re-computes its masks on the calibration it was made on
+(:func:`lit_prune.sparse.replay_sparsity`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
-from torch import nn
+from torch import Tensor, nn
 
 from lit_prune.arch import adapter_for
 from lit_prune.plan import PruningPlan, _checked_indices
 from lit_prune.sparse.prune import replay_sparsity
 from lit_prune.stats._common import Batches
+from lit_prune.stats.linear import LinearStats
 from lit_prune.surgery.config import block_shapes, sync_config
 from lit_prune.surgery.depth import _check_config_depth, remove_blocks
+from lit_prune.surgery.reconstruct import assign_refits, plan_refits
 from lit_prune.surgery.width import check_width_keep, prune_heads, prune_neurons
 
 log = logging.getLogger(__name__)
 
 
 def apply_plan(
-    model: nn.Module, plan: PruningPlan, calibration: Batches | None = None, *, progress: bool = False
+    model: nn.Module,
+    plan: PruningPlan,
+    calibration: Batches | None = None,
+    *,
+    statistics: Mapping[str, LinearStats | Tensor] | None = None,
+    reconstruct: bool = True,
+    progress: bool = False,
 ) -> None:
     """Apply ``plan`` to ``model`` in place: first its width changes (heads, neurons), then its ``drop_layers``.
 
@@ -37,7 +48,12 @@ def apply_plan(
             ``heads_before`` / ``neurons_before`` when the plan records them).
         calibration: for a sparsity plan, the calibration batches it was made on (dicts with ``input_ids``, e.g. the
             datamodule's ``calibration_dataloader()``); not needed by ``magnitude`` with ``uniform`` / ``linear_map``
-            allocation and no TRIM, ignored by depth and width plans.
+            allocation and no TRIM. For a plan with a ``reconstruction`` record, the batches its refits were made on
+            (their Grams are collected there, on the model before the cut) unless ``statistics`` are given.
+        statistics: ``{Linear name: LinearStats with hessian_sum}`` (or the Gram tensors) of the Linears a
+            ``reconstruction`` refits, e.g. from the scoring pass, instead of collecting them on ``calibration``.
+        reconstruct: False applies a ``reconstruction`` plan's shapes only (the weights then come from elsewhere,
+            e.g. a checkpoint being loaded).
         progress: show progress bars while a sparsity plan calibrates.
 
     Raises:
@@ -83,6 +99,7 @@ def apply_plan(
         _check_widths_before(model, plan)
         check_width_keep(model, plan.keep_heads or {}, plan.keep_neurons or {})
     log.debug("Applying %r", plan)
+    refits = plan_refits(model, plan, calibration, statistics, progress=progress) if reconstruct else {}
     if plan.sparsity is not None:  # no shape changes (PruningPlan refuses a sparsity plan that has some)
         replay_sparsity(model, plan.sparsity, calibration, progress=progress)
         return
@@ -91,6 +108,7 @@ def apply_plan(
             prune_heads(model, block, keep)
         for block, keep in (plan.keep_neurons or {}).items():
             prune_neurons(model, block, keep)
+        assign_refits(model, refits)  # names are still the plan's: blocks are dropped below
         sync_config(model)
     remove_blocks(model, plan.drop_layers)
 

@@ -26,6 +26,12 @@ class RankCalibration(WidthPruning):
         g = torch.Generator().manual_seed(100 + rank)
         return DataLoader([{"input_ids": w} for w in torch.randint(4, 256, (4, 16), generator=g)], batch_size=2)
 
+    def prune(self, pl_module, calibration):  # type: ignore[override]
+        plan = super().prune(pl_module, calibration)
+        # before DDP's re-wrap broadcasts rank 0's parameters: what this rank's own surgery (and refit) produced
+        self.own_checksum = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
+        return plan
+
 
 class Record(pl.Callback):
     def __init__(self, out: Path, width: WidthPruning) -> None:
@@ -39,6 +45,8 @@ class Record(pl.Callback):
             "scores": [t.tolist() for t in (*scores.heads, *scores.neurons)],
             "shapes": [list(vars(s).values()) for s in block_shapes(pl_module.model)],
             "global_step": trainer.global_step,
+            "reconstruction": self.width.plans[0]["reconstruction"],
+            "own_checksum": self.width.own_checksum,
             "checksum": float(sum(p.detach().double().sum() for p in pl_module.parameters())),
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -50,7 +58,8 @@ def main() -> None:
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=24)
     module = CausalLMModule(model=LlamaForCausalLM(cfg))
-    width = RankCalibration(criterion="amp", amount=0.25, allocation="global", verbose=0)
+    reconstruct = sys.argv[2] if len(sys.argv) > 2 else "none"
+    width = RankCalibration(criterion="amp", amount=0.25, allocation="global", reconstruct=reconstruct, verbose=0)
     g = torch.Generator().manual_seed(7)
     train = DataLoader([{"input_ids": w} for w in torch.randint(4, 256, (16, 16), generator=g)], batch_size=2)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
