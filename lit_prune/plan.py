@@ -41,12 +41,13 @@ import copy
 import difflib
 import json
 import logging
-import math
 import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from lit_prune._validation import check_number
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +249,6 @@ def _check_calibration(where: str, calibration: object) -> None:
     _check_digest(f"{where}['sha256']", calibration["sha256"], optional=False)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _checked_reconstruction(record: object) -> dict[str, Any] | None:
     """A reconstruction record as plain JSON data, or ``ValueError`` naming what is wrong.
 
@@ -273,17 +270,17 @@ def _checked_reconstruction(record: object) -> dict[str, Any] | None:
     for key in ("method", "protocol"):
         if not isinstance(data[key], str):
             raise ValueError(f"`reconstruction['{key}']` must be a string, got {data[key]!r}")
-    if not _is_number(data["ridge"]) or data["ridge"] < 0:
-        raise ValueError(f"`reconstruction['ridge']` must be a finite number >= 0, got {data['ridge']!r}")
+    check_number("reconstruction['ridge']", data["ridge"], 0.0)
     max_batches = data["max_batches"]
     if max_batches is not None and (_as_index(max_batches) is None or max_batches < 1):
         raise ValueError(f"`reconstruction['max_batches']` must be an int >= 1 or None, got {max_batches!r}")
     _check_calibration("reconstruction['calibration']", data["calibration"])
     lambdas = data["lambdas"]
     if lambdas is not None:
-        if not isinstance(lambdas, dict) or not all(_is_number(v) and v >= 0 for v in lambdas.values()):
+        if not isinstance(lambdas, dict):
             raise ValueError(f"`reconstruction['lambdas']` must map Linear names to numbers >= 0, got {lambdas!r}")
-        data["lambdas"] = {name: float(v) for name, v in lambdas.items()}
+        where = "reconstruction['lambdas']"
+        data["lambdas"] = {name: check_number(f"{where}[{name!r}]", v, 0.0) for name, v in lambdas.items()}
     return data
 
 

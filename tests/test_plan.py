@@ -431,11 +431,12 @@ def test_a_reconstruction_record_round_trips_and_shows_in_the_repr(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"ridge": -1.0}, r"`reconstruction\['ridge'\]` must be a finite number >= 0, got -1.0"),
+        ({"ridge": -1.0}, r"`reconstruction\['ridge'\]` must be a finite number in \[0.0, inf\), got -1.0"),
         ({"ridge": True}, r"`reconstruction\['ridge'\]` must be a finite number"),
         ({"method": 3}, r"`reconstruction\['method'\]` must be a string, got 3"),
         ({"max_batches": 0}, r"`reconstruction\['max_batches'\]` must be an int >= 1 or None, got 0"),
-        ({"lambdas": {"x": -2}}, r"`reconstruction\['lambdas'\]` must map Linear names to numbers >= 0"),
+        ({"lambdas": {"x": -2}}, r"`reconstruction\['lambdas'\]\['x'\]` must be a finite number in \[0.0, inf\), got -2"),  # noqa: E501
+        ({"lambdas": [1.0]}, r"`reconstruction\['lambdas'\]` must map Linear names to numbers >= 0"),
         ({"calibration": {"batches": 1}}, r"`reconstruction\['calibration'\]` lacks the required key"),
         ({"ridg": 1.0}, r"unknown key\(s\) \['ridg'\] \(`ridg`: did you mean `ridge`\?\)"),
     ],

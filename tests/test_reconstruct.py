@@ -188,8 +188,8 @@ def test_a_refit_plan_needs_its_calibration_and_nothing_changes_without_it() -> 
     ("kwargs", "message"),
     [
         ({"reconstruct": "ols"}, r"`reconstruct` must be one of \['none', 'lsq'\], got 'ols'"),
-        ({"ridge": -0.1}, r"`ridge` must be a finite number >= 0, got -0.1"),
-        ({"ridge": float("nan")}, r"`ridge` must be a finite number >= 0"),
+        ({"ridge": -0.1}, r"`ridge` must be a finite number in \[0.0, inf\), got -0.1"),
+        ({"ridge": float("nan")}, r"`ridge` must be a finite number in \[0.0, inf\), got nan"),
     ],
 )
 def test_bad_reconstruction_options_are_refused(kwargs: dict, message: str) -> None:

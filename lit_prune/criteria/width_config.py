@@ -15,7 +15,7 @@ from numbers import Real
 from typing import Literal
 
 from lit_prune._config import MethodConfig, check_seed
-from lit_prune._validation import check_int
+from lit_prune._validation import check_choice, check_int
 from lit_prune.criteria import registry
 from lit_prune.plan import _as_index
 
@@ -31,12 +31,6 @@ ParamsOf = Literal["total", "non_embedding"]
 GQA_MODES: tuple[str, ...] = typing.get_args(GQAMode)
 WIDTH_ALLOCATIONS: tuple[str, ...] = typing.get_args(WidthAllocation)
 PARAMS_OF: tuple[str, ...] = typing.get_args(ParamsOf)
-
-
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    """Raise ``ValueError`` naming ``name``, the allowed values and ``value`` unless ``value`` is one of them."""
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}")
 
 
 def check_amount(amount: object) -> None:

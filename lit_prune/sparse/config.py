@@ -7,13 +7,12 @@ fields) build one, so a default or a rule lives here only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from lit_prune._config import MethodConfig
-from lit_prune._validation import check_int
+from lit_prune._validation import check_int, check_number
 from lit_prune.allocation.sparsity import DSA_PAPER_FUNCTION, SPARSITY_ALLOCATIONS, AllocationFunction
 from lit_prune.criteria import registry
 from lit_prune.criteria.sparse import check_nm
@@ -23,16 +22,6 @@ Protocol = Literal["sequential", "one_shot"]
 SparseCriterion = Literal["magnitude", "wanda", "sparsegpt"]
 """The registered sparse criteria (``registry.names("sparse")``; a test keeps the two equal)."""
 Allocation = Literal["uniform", "owl", "linear_map", "dsa"]
-
-
-def _number(name: str, value: object, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
-    """``float(value)`` if it is a finite number in ``[low, high)`` (``(low, high)`` if ``open_low``), else raise."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    v = float(value) if ok else math.nan  # type: ignore[arg-type]
-    if not ok or v < low or v >= high or (open_low and v == low):
-        interval = f"{'(' if open_low else '['}{low}, {high})"
-        raise ValueError(f"`{name}` must be a finite number in {interval}, got {value!r}")
-    return v
 
 
 def check_sparse_options(
@@ -130,10 +119,10 @@ class SparsityConfig(MethodConfig):
             if isinstance(self.layer_scores, str) or not isinstance(self.layer_scores, Sequence):
                 raise ValueError(f"`layer_scores` must be None or a list of numbers, got {self.layer_scores!r}")
             object.__setattr__(self, "layer_scores", tuple(self.layer_scores))
-        _number("owl_m", self.owl_m, 0.0, open_low=True)
-        _number("lam", self.lam, 0.0, 1.0)
-        _number("eps", self.eps, 0.0, 1.0)
-        _number("percdamp", self.percdamp, 0.0)
+        check_number("owl_m", self.owl_m, 0.0, open_low=True)
+        check_number("lam", self.lam, 0.0, 1.0)
+        check_number("eps", self.eps, 0.0, 1.0)
+        check_number("percdamp", self.percdamp, 0.0)
         check_int("blocksize", self.blocksize)
         if nm is not None and self.criterion == "sparsegpt" and self.blocksize % nm[1]:
             raise ValueError(f"`blocksize` must be a multiple of M={nm[1]} with `n_m`, got {self.blocksize}")

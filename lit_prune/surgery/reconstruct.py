@@ -20,13 +20,13 @@ import logging
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lit_prune._config import MethodConfig
+from lit_prune._validation import check_choice, check_number
 from lit_prune.arch import Projection, adapter_for, unwrap
 from lit_prune.plan import PruningPlan
 from lit_prune.sparse.record import calibration_digest, reiterable
@@ -70,13 +70,9 @@ class ReconstructConfig(MethodConfig):
         Raises:
             ValueError: naming the field, its value and what is allowed.
         """
-        if self.reconstruct not in RECONSTRUCT_METHODS:
-            raise ValueError(f"`reconstruct` must be one of {list(RECONSTRUCT_METHODS)}, got {self.reconstruct!r}")
-        ridge = self.ridge
-        if isinstance(ridge, bool) or not isinstance(ridge, Real) or not 0.0 <= float(ridge) < float("inf"):
-            raise ValueError(f"`ridge` must be a finite number >= 0, got {ridge!r}")
-        if self.protocol not in RECONSTRUCT_PROTOCOLS:
-            raise ValueError(f"`protocol` must be one of {list(RECONSTRUCT_PROTOCOLS)}, got {self.protocol!r}")
+        check_choice("reconstruct", self.reconstruct, RECONSTRUCT_METHODS)
+        check_number("ridge", self.ridge, 0.0)
+        check_choice("protocol", self.protocol, RECONSTRUCT_PROTOCOLS)
 
     @property
     def enabled(self) -> bool:
